@@ -1,0 +1,5 @@
+import sys
+
+from nosasim.cli import main
+
+sys.exit(main())

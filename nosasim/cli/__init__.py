@@ -1,0 +1,45 @@
+"""The ``nosasim`` command line.
+
+Each sub-command lives in its own module ``nosasim/cli/cmd_<name>.py`` exposing
+``register(subparsers)``; modules are discovered at start-up so that adding a
+command never means editing a central table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nosasim",
+        description=(
+            "Replay KV-block selection traces through a model of a GPU block cache, "
+            "PCIe links, HBM and compute; predict decode step time, throughput and memory."
+        ),
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    package = importlib.import_module(__name__)
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+        if info.name.startswith("cmd_"):
+            importlib.import_module(f"{__name__}.{info.name}").register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as exc:
+        # Bad input is the user's to fix: one clear line, no traceback.
+        print(f"nosasim {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
