@@ -1,0 +1,225 @@
+"""The numba hot loop of the block-cache engine (see docs/cache-semantics.md for the rules it implements).
+
+Per row (layer, KV head, sequence) the state is a handful of fixed arrays over the row's blocks:
+
+- ``pos[r, b]``: slot index of block ``b`` in ``slots[r]`` if it is resident, else -1 (O(1) hit test);
+- ``slots[r, :nres[r]]``: the resident complete blocks, unordered (eviction scans only these, not all blocks);
+- ``last[r, b]``: lru key (last step attended, -1 never); it doubles as the "selected at step t" mark, since
+  every block selected at step ``t`` gets ``last == t`` and nothing else can have it;
+- ``count[r, b]``: times selected (lfu);
+- ``prev_tail[r]``: tail block of the previous step (-1 before the first step).
+
+Rows are processed in tiles of a few rows, step by step inside a tile: a tile's state stays in L1/L2 cache while
+its selections are read as one contiguous slice per step. Errors are returned as codes in ``err`` (numba
+cannot format messages); the Python side turns them into ValueErrors naming the step and row.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from .policies import BELADY, NEVER, PREV, STATIC, keep_key_nb
+
+ERR_NONE, ERR_FUTURE, ERR_DUPLICATE, ERR_CAPACITY, ERR_BUG = 0, 1, 2, 3, 4
+# err layout: [code, local step, row, block id or selection size, tail or capacity]
+ERR_FIELDS = 5
+
+
+@njit(cache=True, inline="always")
+def _evicted_before(pa, sa, ia, pb, sb, ib):
+    """True if candidate a (keep key pa, sa, id ia) leaves before candidate b: smaller key, then lower id."""
+    if pa != pb:
+        return pa < pb
+    if sa != sb:
+        return sa < sb
+    return ia < ib
+
+
+@njit(cache=True)
+def _evict(r, rr, t, gt, n, capacity, policy, pos, slots, last, count, nxt, static, cand, kp, ks, rec_ev):
+    """Evict the surplus of row ``r`` at step ``gt``; returns the new number of resident blocks.
+
+    Only unselected candidates (``last != gt``) can go. Partial selection instead of a sort: the surplus is
+    usually a few blocks, so finding the few smallest (or, when most go, the few largest to keep) by repeated
+    scans is cheaper than sorting, and needs no allocation.
+    """
+    m = 0
+    for i in range(n):
+        b = slots[r, i]
+        if last[r, b] != gt:
+            cand[m] = b
+            if policy != PREV:
+                nu = nxt[rr, b] if policy == BELADY else 0
+                sc = static[r, b] if policy == STATIC else 0.0
+                kp[m], ks[m] = keep_key_nb(policy, last[r, b], count[r, b], nu, sc)
+            m += 1
+    excess = m if policy == PREV else n - capacity
+    if excess > m:
+        return -1  # more selected blocks than slots: the caller checked this, so reaching here is a bug
+    keep = m - excess
+    lo, hi = 0, m
+    if keep > 0 and excess <= keep:
+        for i in range(excess):  # move the i-th first-to-go candidate to position i
+            best = i
+            for q in range(i + 1, m):
+                if _evicted_before(kp[q], ks[q], cand[q], kp[best], ks[best], cand[best]):
+                    best = q
+            cand[i], cand[best] = cand[best], cand[i]
+            kp[i], kp[best] = kp[best], kp[i]
+            ks[i], ks[best] = ks[best], ks[i]
+        hi = excess
+    elif keep > 0:
+        for i in range(keep):  # move the i-th most worth keeping to position i
+            best = i
+            for q in range(i + 1, m):
+                if _evicted_before(kp[best], ks[best], cand[best], kp[q], ks[q], cand[q]):
+                    best = q
+            cand[i], cand[best] = cand[best], cand[i]
+            kp[i], kp[best] = kp[best], kp[i]
+            ks[i], ks[best] = ks[best], ks[i]
+        lo = keep
+    record = rec_ev.shape[0] > 0
+    for i in range(lo, hi):
+        pos[r, cand[i]] = -1
+        if record:
+            rec_ev[t, r, cand[i]] = True
+    w = 0
+    for i in range(n):
+        b = slots[r, i]
+        if pos[r, b] >= 0:
+            slots[r, w] = b
+            pos[r, b] = w
+            w += 1
+    return w
+
+
+@njit(cache=True)
+def _belady_lookahead(sel, ctx, block_size, step0, r0, r1, nxt_entry, first_use):
+    """For rows r0..r1: ``nxt_entry[t, rr, j]`` = next step selecting ``sel[t, r, j]`` after ``t``, and
+    ``first_use[rr, b]`` = first step selecting ``b`` (NEVER if none). One backward pass over the steps."""
+    T, _, K = sel.shape
+    ncols = ctx.shape[1]
+    for rr in range(r1 - r0):
+        r = r0 + rr
+        first_use[rr, :] = NEVER
+        for t in range(T - 1, -1, -1):
+            tail = (ctx[t, r % ncols] - 1) // block_size
+            for j in range(K):
+                b = sel[t, r, j]
+                if b < 0 or b >= tail:
+                    nxt_entry[t, rr, j] = NEVER
+                    continue
+                nxt_entry[t, rr, j] = first_use[rr, b]
+                first_use[rr, b] = step0 + t
+
+
+@njit(cache=True, nogil=True)
+def run_chunk(sel, ctx, block_size, policy, capacity, static, step0, state, out, rec, err, tile):
+    """Advance every row through the steps of one chunk, updating ``state`` in place.
+
+    ``sel`` int16 [T, R, K]; ``ctx`` int32 [T, NC], row r reads column ``r % NC``; ``static`` float32
+    [R, NB] (dummy unless policy is static); ``state`` = (pos, slots, nres, last, count, prev_tail);
+    ``out`` = (hits, misses, writebacks, evictions) int32 [T, R]; ``rec`` = (resident, evicted) bool
+    [T, R, NB] or empty arrays when not recording. Returns nothing; ``err[0] != 0`` on bad input.
+    """
+    pos, slots, nres, last, count, prev_tail = state
+    hits, misses, wbs, evs = out
+    rec_res, rec_ev = rec
+    T, R, K = sel.shape
+    NB = pos.shape[1]
+    ncols = ctx.shape[1]
+    record = rec_res.shape[0] > 0
+    belady = policy == BELADY
+    nxt_entry = np.empty((T if belady else 0, tile, K), np.int32)
+    first_use = np.empty((tile if belady else 0, NB), np.int32)
+    nxt = np.empty((tile if belady else 1, NB), np.int32)
+    cand = np.empty(NB, np.int32)
+    kp = np.empty(NB, np.float64)
+    ks = np.empty(NB, np.float64)
+    for r0 in range(0, R, tile):
+        r1 = min(R, r0 + tile)
+        if belady:
+            _belady_lookahead(sel, ctx, block_size, step0, r0, r1, nxt_entry, first_use)
+        for t in range(T):
+            gt = step0 + t
+            for r in range(r0, r1):
+                rr = r - r0
+                tail = (ctx[t, r % ncols] - 1) // block_size
+                pt = prev_tail[r]
+                n = nres[r]
+                wb = 0
+                if pt >= 0 and tail > pt:
+                    # The previous tail just completed: it is on the GPU already, so it joins the candidates
+                    # for free, and is written back to host memory once.
+                    pos[r, pt] = n
+                    slots[r, n] = pt
+                    n += 1
+                    last[r, pt] = gt - 1
+                    if belady:
+                        nxt[rr, pt] = first_use[rr, pt]
+                    wb = 1
+                prev_tail[r] = tail
+                h = 0
+                m = 0
+                ns = 0
+                for j in range(K):
+                    b = sel[t, r, j]
+                    if b < 0:
+                        continue
+                    if b >= tail:
+                        if b == tail:
+                            continue  # the tail is always resident: never an access
+                        err[0], err[1], err[2], err[3], err[4] = ERR_FUTURE, t, r, b, tail
+                        return
+                    if last[r, b] == gt:
+                        err[0], err[1], err[2], err[3], err[4] = ERR_DUPLICATE, t, r, b, tail
+                        return
+                    last[r, b] = gt
+                    count[r, b] += 1
+                    ns += 1
+                    if pos[r, b] >= 0:
+                        h += 1
+                    else:
+                        m += 1
+                        pos[r, b] = n
+                        slots[r, n] = b
+                        n += 1
+                    if belady:
+                        nxt[rr, b] = nxt_entry[t, rr, j]
+                if ns > capacity:
+                    err[0], err[1], err[2], err[3], err[4] = ERR_CAPACITY, t, r, ns, capacity
+                    return
+                n_new = n
+                if (policy == PREV and n > ns) or (policy != PREV and n > capacity):
+                    n_new = _evict(r, rr, t, gt, n, capacity, policy, pos, slots, last, count, nxt, static,
+                                   cand, kp, ks, rec_ev)
+                    if n_new < 0:
+                        err[0], err[1], err[2], err[3], err[4] = ERR_BUG, t, r, ns, capacity
+                        return
+                nres[r] = n_new
+                hits[t, r] = h
+                misses[t, r] = m
+                wbs[t, r] = wb
+                evs[t, r] = n - n_new
+                if record:
+                    for i in range(n_new):
+                        rec_res[t, r, slots[r, i]] = True
+
+
+@njit(cache=True)
+def max_selection_size(sel, ctx, block_size):
+    """Largest number of complete blocks any selection names (tail ids and padding not counted)."""
+    T, R, K = sel.shape
+    ncols = ctx.shape[1]
+    best = 0
+    for t in range(T):
+        for r in range(R):
+            tail = (ctx[t, r % ncols] - 1) // block_size
+            ns = 0
+            for j in range(K):
+                b = sel[t, r, j]
+                if b >= 0 and b != tail:
+                    ns += 1
+            best = max(best, ns)
+    return best

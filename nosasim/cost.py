@@ -1,0 +1,193 @@
+"""Per-operation cost model: seconds for each kernel of one decode step, from a hardware profile and a model shape.
+
+Every operator the GPU runtime launches per layer is listed here with its FLOPs and HBM bytes. Its time is the
+roofline ``max(flops / throughput, bytes / hbm_Bps)`` plus ``launch_s`` per kernel, or, when the profile carries a
+calibration table for the operator's kind, the roofline divided by the efficiency that the table shows at a similar
+roofline time (small kernels reach a smaller share of the ceilings; a measured time already contains its launch).
+Op names (``qkv_proj``, ``selection``, ``gather_h2d`` ...) and table kinds (``gemm``, ``elementwise`` ...) are the
+names the runtime's calibration uses; see ``docs/profile-format.md``.
+
+Costs are vectorized over decode steps: contexts grow by one token per step, so attention and selection costs are
+arrays ``[steps]``; the rest are constants broadcast to that shape.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from nosasim.hardware import Profile
+from nosasim.models import ModelSpec, ReplayConfig
+
+# Breakdown classes, in report order. h2d_wait/d2h_wait are compute-stream stalls, filled by the simulator.
+CLASSES = ("gemm", "attention", "selection", "cache", "elementwise", "h2d_wait", "d2h_wait")
+CLASS_INDEX = {c: i for i, c in enumerate(CLASSES)}
+CMP_WINDOW, CMP_STRIDE = 32, 16  # InfLLM-V2 compressed keys: mean over 32 tokens, stride 16
+
+
+@dataclass(frozen=True, slots=True)
+class OpCost:
+    """One operator instance: its name, breakdown class, table kind, and seconds per step."""
+
+    name: str
+    cls: str
+    seconds: np.ndarray
+
+
+def _gemm_fb(m, n, k, dt=2):
+    return 2.0 * m * n * k, float(dt) * (m * k + k * n + m * n)
+
+
+def _attn_fb(batch_tokens, batch, q_heads, kv_heads, head_dim, dt=2):
+    """Decode attention over ``batch_tokens`` cached tokens summed over the batch (flash-decoding reads K and V once)."""
+    kv_bytes = 2.0 * dt * kv_heads * head_dim * batch_tokens
+    qo_bytes = 2.0 * dt * batch * q_heads * head_dim
+    return 4.0 * (q_heads / kv_heads) * kv_heads * head_dim * batch_tokens, kv_bytes + qo_bytes
+
+
+def _n_cmp(context):
+    """Compressed keys of a context: windows of 32 with stride 16 (at least one)."""
+    return np.maximum((np.asarray(context, dtype=np.float64) - CMP_WINDOW) // CMP_STRIDE + 1, 1)
+
+
+def _select_fb(batch_cmp, batch_blocks, batch, q_heads, kv_heads, head_dim, dt=2, agnostic=False):
+    """InfLLM-V2 scoring: q . compressed keys, softmax, GQA sum, max-pool to blocks, top-k (+ NOSA's static top-k)."""
+    flops = 2.0 * q_heads * head_dim * batch_cmp + 6.0 * q_heads * batch_cmp
+    bytes_ = (dt * kv_heads * head_dim * batch_cmp + dt * batch * q_heads * head_dim
+              + 4.0 * 2 * q_heads * batch_cmp + 4.0 * kv_heads * batch_cmp + 4.0 * 2 * kv_heads * batch_blocks)
+    if agnostic:
+        bytes_ = bytes_ + 4.0 * 2 * kv_heads * batch_blocks
+    return flops, bytes_
+
+
+# How each calibration table kind turns an entry's shape into (flops, bytes), so entries and queries share a roofline.
+def _table_fb(kind: str, e: dict):
+    if kind == "gemm":
+        return _gemm_fb(e["m"], e["n"], e["k"])
+    if kind == "elementwise":
+        return 0.0, float(e["bytes"])
+    if kind == "sparse_attention":
+        return _attn_fb(e["batch"] * e["k_blocks"] * 64, e["batch"], e["q_heads"], e["kv_heads"], e["head_dim"])
+    if kind == "dense_attention":
+        return _attn_fb(e["batch"] * e["context"], e["batch"], e["q_heads"], e["kv_heads"], e["head_dim"])
+    if kind == "selection":
+        cmp = e["batch"] * _n_cmp(e["context"])
+        return _select_fb(cmp, e["batch"] * (e["context"] // 64 + 1), e["batch"], e["q_heads"], e["kv_heads"],
+                          e["head_dim"])
+    raise RuntimeError(f"no roofline for table kind {kind!r}: a bug")
+
+
+_MATMUL_KINDS = ("gemm", "sparse_attention", "dense_attention")
+
+
+class CostModel:
+    """Operator costs for one (profile, model, config); per-kind efficiency curves are built once here."""
+
+    def __init__(self, profile: Profile, model: ModelSpec, config: ReplayConfig, block_size: int = 64):
+        self.p, self.m, self.cfg, self.block_size = profile, model, config, block_size
+        self._curves = {}
+        for kind, entries in profile.ops.items():
+            if kind in ("gather_h2d", "writeback_d2h"):
+                continue  # folded into the transfer models by nosasim.hardware
+            roof = np.array([self._roofline(kind, *_table_fb(kind, e)) for e in entries])
+            eff = roof / np.array([e["seconds"] for e in entries])
+            order = np.argsort(roof)
+            self._curves[kind] = (roof[order], np.minimum(eff[order], 1.0))
+
+    def _roofline(self, kind, flops, bytes_):
+        thr = self.p.matmul_flops if kind in _MATMUL_KINDS else self.p.vector_flops
+        return np.maximum(np.asarray(flops, dtype=np.float64) / thr, np.asarray(bytes_, dtype=np.float64) / self.p.hbm_Bps)
+
+    def op_time(self, kind: str, flops, bytes_, kernels: int = 1) -> np.ndarray:
+        """Seconds for one operator: calibrated efficiency when the profile has a table, else roofline + launches."""
+        roof = self._roofline(kind, flops, bytes_)
+        curve = self._curves.get(kind)
+        if curve is None:
+            return roof + kernels * self.p.launch_s
+        xs, effs = curve
+        if len(xs) == 1:
+            eff = np.full(np.shape(roof), effs[0])
+        else:
+            eff = np.interp(np.log(np.maximum(roof, 1e-12)), np.log(xs), effs)
+        return roof / eff
+
+    def gemm(self, m, n, k):
+        return self.op_time("gemm", *_gemm_fb(m, n, k, self.m.dtype_bytes))
+
+    def elementwise(self, bytes_, kernels=1):
+        return self.op_time("elementwise", 0.0, bytes_, kernels)
+
+    def layer_ops(self, b: int, ctx_sum: np.ndarray) -> tuple[list[OpCost], list[OpCost]]:
+        """Compute-stream ops of one layer for a micro-batch of ``b`` sequences whose contexts sum to ``ctx_sum``
+        (one value per step): (ops before the transfers are needed, ops after). Offloaded variants run selection and
+        the block-table update before attention; dense runs neither."""
+        m, cfg, dt = self.m, self.cfg, self.m.dtype_bytes
+        ctx_sum = np.asarray(ctx_sum, dtype=np.float64)
+        ones = np.ones_like(ctx_sum)
+        qkv_out = (m.q_heads + 2 * m.kv_heads) * m.head_dim
+        pre = [
+            OpCost("attn_norm", "elementwise", ones * self.elementwise(dt * (2 * b * m.hidden + m.hidden))),
+            OpCost("qkv_proj", "gemm", ones * self.gemm(b, qkv_out, m.hidden)),
+            # RoPE on q and k, then K and V appended to the tail block: two kernels.
+            OpCost("rope", "elementwise", ones * self.elementwise(
+                dt * b * m.head_dim * (2 * (m.q_heads + m.kv_heads) + 2 * m.kv_heads), kernels=2)),
+        ]
+        if cfg.offloaded:
+            # Each sequence's compressed keys: n_cmp(ctx) ~ ctx/16, so summing contexts is close enough for the sum
+            # of n_cmp; we use the per-sequence mean context to keep the window offset right.
+            cmp_sum = _n_cmp(ctx_sum / b) * b
+            blocks_sum = ctx_sum / self.block_size + b
+            nosa = cfg.variant == "nosa"
+            f, by = _select_fb(cmp_sum, blocks_sum, b, m.q_heads, m.kv_heads, m.head_dim, dt, agnostic=nosa)
+            pre.append(OpCost("selection", "selection", self.op_time("selection", f, by, kernels=6 if nosa else 4)))
+            rows = b * m.kv_heads
+            pre.append(OpCost("block_table", "cache", ones * self.elementwise(
+                4.0 * rows * (2 * cfg.k + 2 * cfg.capacity), kernels=2)))
+            tokens = ones * b * cfg.k * self.block_size
+            f, by = _attn_fb(tokens, b, m.q_heads, m.kv_heads, m.head_dim, dt)
+            attn = OpCost("sparse_attention", "attention", self.op_time("sparse_attention", f, by + 4.0 * rows * cfg.k,
+                                                                        kernels=2))
+        else:
+            f, by = _attn_fb(ctx_sum, b, m.q_heads, m.kv_heads, m.head_dim, dt)
+            attn = OpCost("dense_attention", "attention", self.op_time("dense_attention", f, by, kernels=2))
+        post = [
+            attn,
+            OpCost("o_proj", "gemm", ones * self.gemm(b, m.hidden, m.q_heads * m.head_dim)),
+            OpCost("mlp_norm", "elementwise", ones * self.elementwise(dt * (2 * b * m.hidden + m.hidden))),
+            OpCost("gate_up_proj", "gemm", ones * self.gemm(b, 2 * m.intermediate, m.hidden)),
+            OpCost("silu_mul", "elementwise", ones * self.elementwise(dt * 3 * b * m.intermediate)),
+            OpCost("down_proj", "gemm", ones * self.gemm(b, m.hidden, m.intermediate)),
+        ]
+        return pre, post
+
+    def step_ops(self, b: int, steps: int) -> tuple[list[OpCost], list[OpCost]]:
+        """Once-per-step ops around the layers for a micro-batch: (embedding lookup, final norm + LM head)."""
+        m, dt = self.m, self.m.dtype_bytes
+        ones = np.ones(steps)
+        head = [
+            OpCost("final_norm", "elementwise", ones * self.elementwise(dt * (2 * b * m.hidden + m.hidden))),
+            OpCost("lm_head", "gemm", ones * self.gemm(b, m.vocab, m.hidden)),
+        ]
+        return [OpCost("embed", "elementwise", ones * self.elementwise(dt * 2 * b * m.hidden))], head
+
+    @property
+    def chunk_bytes(self) -> int:
+        """One block of K or of V for one KV head: the unit a gather or writeback moves."""
+        return self.block_size * self.m.head_dim * self.m.dtype_bytes
+
+    def gather_time(self, missed_blocks: np.ndarray) -> np.ndarray:
+        """H2D gather of missed blocks: each miss moves two chunks (K and V)."""
+        return self.p.h2d.time(self.chunk_bytes, 2 * np.asarray(missed_blocks))
+
+    def writeback_time(self, written_blocks: np.ndarray) -> np.ndarray:
+        """D2H writeback of blocks completed at this step: two chunks each."""
+        return self.p.d2h.time(self.chunk_bytes, 2 * np.asarray(written_blocks))
+
+
+def class_totals(ops: list[OpCost], steps: int) -> np.ndarray:
+    """Sum op seconds per breakdown class: ``[steps, len(CLASSES)]``."""
+    out = np.zeros((steps, len(CLASSES)))
+    for op in ops:
+        out[:, CLASS_INDEX[op.cls]] += np.broadcast_to(op.seconds, (steps,))
+    return out

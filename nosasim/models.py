@@ -1,0 +1,166 @@
+"""Model shapes (presets and custom) and the one validated configuration of a replay.
+
+A :class:`ModelSpec` is everything the cost and memory models need about a decoder: its GEMM shapes, attention
+shape and vocabulary. :class:`ReplayConfig` is the whole configuration of one prediction (variant, budgets, cache,
+batch); it is validated once when built and passed whole, and the help text of its fields is the CLI's help.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+
+PRESET_DIR = Path(__file__).with_name("presets")
+VARIANTS = ("dense", "infllmv2", "nosa")
+POLICIES = ("prev", "lru", "lfu", "static", "belady")
+_SHAPE_INTS = ("layers", "q_heads", "kv_heads", "head_dim", "hidden", "intermediate", "vocab", "dtype_bytes")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """A Llama-style decoder: GQA attention, SwiGLU MLP, RMSNorm, optional tied LM head."""
+
+    name: str
+    layers: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    hidden: int
+    intermediate: int
+    vocab: int
+    dtype_bytes: int = 2
+    tie_embeddings: bool = False
+    source: str = ""
+
+    def __post_init__(self):
+        for f in _SHAPE_INTS:
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+                raise ValueError(f"model {self.name!r} field {f}: expected a positive integer, got {v!r}")
+        if self.q_heads % self.kv_heads:
+            raise ValueError(f"model {self.name!r}: q_heads ({self.q_heads}) must be a multiple of kv_heads "
+                             f"({self.kv_heads}) for grouped-query attention")
+
+    @property
+    def layer_params(self) -> int:
+        attn = self.hidden * (self.q_heads + 2 * self.kv_heads) * self.head_dim + self.q_heads * self.head_dim * self.hidden
+        return attn + 3 * self.hidden * self.intermediate + 2 * self.hidden
+
+    @property
+    def params(self) -> int:
+        embed = self.vocab * self.hidden
+        return self.layers * self.layer_params + self.hidden + embed * (1 if self.tie_embeddings else 2)
+
+    def block_bytes(self, block_size: int = 64) -> int:
+        """Bytes of one block of K plus V for one KV head (the unit the cache moves)."""
+        return 2 * block_size * self.head_dim * self.dtype_bytes
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+def _from_dict(d: dict, where: str) -> ModelSpec:
+    known = {f.name for f in fields(ModelSpec)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"model {where}: unknown field(s) {unknown}; expected some of {sorted(known)}")
+    missing = [f.name for f in fields(ModelSpec) if f.default is MISSING and f.name not in d and f.name != "name"]
+    if missing:
+        raise ValueError(f"model {where}: missing field(s) {', '.join(missing)}")
+    return ModelSpec(**{"name": where, **d})
+
+
+def load_model(spec: str) -> ModelSpec:
+    """A preset name (``llama3-8b``), a JSON file, or ``key=value,...`` with every shape field (a custom shape)."""
+    if "=" in spec:
+        items = dict(kv.split("=", 1) for kv in spec.split(",") if kv)
+        parsed = {}
+        for k, v in items.items():
+            k = k.strip()
+            if k in _SHAPE_INTS:
+                try:
+                    parsed[k] = int(v)
+                except ValueError:
+                    raise ValueError(f"--model {k}: expected an integer, got {v!r}") from None
+            elif k == "tie_embeddings":
+                parsed[k] = v.strip().lower() in ("1", "true", "yes")
+            else:
+                parsed[k] = v
+        return _from_dict(parsed, parsed.get("name", "custom"))
+    path = Path(spec)
+    if path.suffix == ".json":
+        if not path.exists():
+            raise ValueError(f"--model: no such file {spec!r}")
+        d = json.loads(path.read_text())
+        return _from_dict(d, d.get("name", path.stem))
+    preset = PRESET_DIR / f"{spec}.json"
+    if not preset.exists():
+        raise ValueError(f"--model: unknown preset {spec!r}; expected one of {presets()}, a JSON file, or "
+                         f"layers=..,q_heads=..,kv_heads=..,head_dim=..,hidden=..,intermediate=..,vocab=..")
+    return _from_dict(json.loads(preset.read_text()), spec)
+
+
+def _opt(default, help: str, **extra):
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayConfig:
+    """One prediction's configuration. ``None`` budgets take the variant's defaults in ``__post_init__``."""
+
+    profile: str = _opt("h100-pcie5", "hardware profile: a bundled name or a profile JSON path")
+    model: str | None = _opt(None, "model shape: preset name, JSON file, or key=value list "
+                                   "(default: the trace's model if it is a preset)")
+    variant: str = _opt("nosa", "attention variant", choices=VARIANTS)
+    batch: int = _opt(1, "sequences decoded together (assembled from the trace's sequences; see docs/simulator.md)")
+    k: int | None = _opt(None, "selected blocks per row, tail included (default: the trace's k)")
+    k_q: int | None = _opt(None, "query-aware blocks incl. sink and window (default: infllmv2 k, nosa the trace's "
+                                 "or 33)", dest="kq")
+    capacity: int | None = _opt(None, "GPU cache slots for complete blocks per row, >= k (default k)")
+    policy: str = _opt("prev", "cache keep policy", choices=POLICIES)
+    microbatches: int = _opt(1, "split the batch so one micro-batch's transfers overlap another's compute (1: none)")
+    sink: int = _opt(1, "always-selected leading blocks (used when reselecting from scores)")
+    window: int = _opt(16, "always-selected trailing blocks, tail included (used when reselecting)")
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant: expected one of {VARIANTS}, got {self.variant!r}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy: expected one of {POLICIES}, got {self.policy!r}")
+        for name in ("batch", "microbatches", "sink", "window"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "sink" else 1):
+                raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+        if self.microbatches > self.batch:
+            raise ValueError(f"microbatches: expected at most batch ({self.batch}), got {self.microbatches}")
+        if self.variant == "dense" or self.k is None:
+            return  # dense needs no budgets; an unset k is resolved against the trace by with_trace_defaults
+        k = self.k
+        if k < 1:
+            raise ValueError(f"k: expected a positive number of blocks, got {k}")
+        kq = self.k_q
+        if kq is None:
+            kq = k if self.variant == "infllmv2" else min(k, self.sink + self.window + 16)
+            object.__setattr__(self, "k_q", kq)
+        if self.variant == "infllmv2" and kq != k:
+            raise ValueError(f"k_q: infllmv2 selects only query-aware blocks, so k_q must equal k ({k}), got {kq}")
+        if kq > k:
+            raise ValueError(f"k_q: expected at most k ({k}), got {kq} (impossible budget)")
+        if kq < 1:
+            raise ValueError(f"k_q: expected a positive number of blocks, got {kq}")
+        cap = self.capacity if self.capacity is not None else k
+        if cap < k:
+            raise ValueError(f"capacity: expected at least k ({k}) slots so one step's selection fits, got {cap} "
+                             f"(impossible budget)")
+        object.__setattr__(self, "capacity", cap)
+
+    @property
+    def offloaded(self) -> bool:
+        return self.variant != "dense"
+
+
+def config_fields():
+    """(name, default, help, extra metadata) of every ReplayConfig field, for building CLI options."""
+    return [(f.name, f.default, f.metadata["help"], f.metadata) for f in fields(ReplayConfig)]

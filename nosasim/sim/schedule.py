@@ -1,0 +1,87 @@
+"""What both simulators replay: per-step op durations (``StepInputs``), the issue order (``program``), results.
+
+The runtime issues one decode step as a fixed program on an in-order compute stream, with gathers (H2D) and
+writebacks (D2H) on their own copy streams. With ``m`` micro-batches the program staggers them,
+``pre(l, 0) .. `` then ``post(l-1, j), pre(l, j)`` for each ``j``, so micro-batch ``j``'s gather overlaps the other
+micro-batches' compute; with ``m = 1`` everything is serial. A step ends when compute is done and both copy streams
+are drained (a step never leaves transfers running into the next; conservative, as writebacks are rare).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from nosasim.cost import CLASSES
+
+
+def program(layers: int, microbatches: int) -> list[tuple[str, int, int]]:
+    """Issue order of one step: ("pre" | "post", layer, micro-batch). "pre" ends by issuing the layer's transfers."""
+    order = [("pre", 0, j) for j in range(microbatches)]
+    for layer in range(1, layers):
+        for j in range(microbatches):
+            order += [("post", layer - 1, j), ("pre", layer, j)]
+    order += [("post", layers - 1, j) for j in range(microbatches)]
+    return order
+
+
+@dataclass(frozen=True, slots=True)
+class StepInputs:
+    """Seconds of every op of every step. Layers share compute costs (same shapes); transfers are per layer because
+    each layer's cache misses differ.
+
+    pre, post: [steps, m] compute before / after a micro-batch's transfers (per layer).
+    pre_cls, post_cls: [steps, m, classes] the same split into breakdown classes.
+    step_pre, step_post: [steps] embedding before the layers, final norm + LM head after (all micro-batches).
+    step_cls: [steps, classes]. gather, writeback: [steps, layers, m] copy seconds (0 = no copy issued).
+    """
+
+    pre: np.ndarray
+    post: np.ndarray
+    pre_cls: np.ndarray
+    post_cls: np.ndarray
+    step_pre: np.ndarray
+    step_post: np.ndarray
+    step_cls: np.ndarray
+    gather: np.ndarray
+    writeback: np.ndarray
+
+    def __post_init__(self):
+        steps, m = self.pre.shape
+        expect = {"post": (steps, m), "pre_cls": (steps, m, len(CLASSES)), "post_cls": (steps, m, len(CLASSES)),
+                  "step_pre": (steps,), "step_post": (steps,), "step_cls": (steps, len(CLASSES)),
+                  "writeback": self.gather.shape}
+        for name, shape in expect.items():
+            if getattr(self, name).shape != shape:
+                raise RuntimeError(f"StepInputs.{name} has shape {getattr(self, name).shape}, expected {shape}: a bug")
+        if self.gather.ndim != 3 or self.gather.shape[0] != steps or self.gather.shape[2] != m:
+            raise RuntimeError(f"StepInputs.gather has shape {self.gather.shape}, expected (steps, layers, {m}): a bug")
+
+    @property
+    def layers(self) -> int:
+        return self.gather.shape[1]
+
+    @property
+    def microbatches(self) -> int:
+        return self.pre.shape[1]
+
+    def compute_breakdown(self) -> np.ndarray:
+        """Compute-stream seconds per class, [steps, classes] (stalls excluded)."""
+        return self.step_cls + self.layers * (self.pre_cls.sum(axis=1) + self.post_cls.sum(axis=1))
+
+
+@dataclass(frozen=True, slots=True)
+class SimResult:
+    """Per-step results: ``step_s`` [steps] and ``breakdown`` [steps, classes], whose rows sum to ``step_s``."""
+
+    step_s: np.ndarray
+    breakdown: np.ndarray
+
+    def median_step(self) -> tuple[float, dict[str, float]]:
+        """Median step time and the breakdown of the median step(s), so the breakdown adds up to the median."""
+        order = np.argsort(self.step_s, kind="stable")
+        n = len(order)
+        mid = order[[(n - 1) // 2, n // 2]]
+        parts = self.breakdown[mid].mean(axis=0)
+        return float(self.step_s[mid].mean()), {c: float(v) for c, v in zip(CLASSES, parts)}

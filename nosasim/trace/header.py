@@ -1,0 +1,198 @@
+"""The JSON header of a selection trace: model shape, selection parameters, provenance.
+
+Every field is checked when a header is built or parsed, so a trace that loads is one the
+rest of nosasim can trust; a bad field raises ``ValueError`` naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+FORMAT_NAME = "nosasim-trace"
+FORMAT_VERSION = 1
+METHODS = ("random", "infllmv2", "nosa", "import", "recorded", "reselect")
+OPTIONAL_ARRAYS = ("agnostic_score", "qaware_score", "attn_mass")
+
+
+def _req(d: dict, key: str, where: str) -> Any:
+    if not isinstance(d, dict):
+        raise ValueError(f"trace header: field '{where}' must be a JSON object, got {type(d).__name__}")
+    if key not in d:
+        raise ValueError(f"trace header: missing field '{where}.{key}'" if where else f"trace header: missing field '{key}'")
+    return d[key]
+
+
+def _int(value: Any, name: str, minimum: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"trace header: field '{name}' must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"trace header: field '{name}' must be >= {minimum}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The attention shape of the model a trace was recorded on (what sizes a KV block)."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype_bytes: int = 2
+    q_heads: int | None = None
+    name: str = ""
+
+    def __post_init__(self):
+        _int(self.layers, "model.layers", 1)
+        _int(self.kv_heads, "model.kv_heads", 1)
+        _int(self.head_dim, "model.head_dim", 1)
+        _int(self.dtype_bytes, "model.dtype_bytes", 1)
+        if self.q_heads is not None:
+            _int(self.q_heads, "model.q_heads", 1)
+            if self.q_heads % self.kv_heads:
+                raise ValueError(
+                    f"trace header: field 'model.q_heads' ({self.q_heads}) must be a multiple of "
+                    f"model.kv_heads ({self.kv_heads})"
+                )
+
+    def block_bytes(self, block_size: int) -> int:
+        """Bytes of one block of K plus V for one KV head."""
+        return 2 * block_size * self.head_dim * self.dtype_bytes
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelShape":
+        return cls(
+            layers=_req(d, "layers", "model"),
+            kv_heads=_req(d, "kv_heads", "model"),
+            head_dim=_req(d, "head_dim", "model"),
+            dtype_bytes=_req(d, "dtype_bytes", "model"),
+            q_heads=d.get("q_heads"),
+            name=str(d.get("name", "")),
+        )
+
+
+@dataclass(frozen=True)
+class SelectionParams:
+    """How the selections were made.
+
+    ``k`` counts every selected block *including the partial tail block* (as the method does);
+    ``k_q`` counts the query-aware ones (sink, window with the tail, top blocks); ``k - k_q``
+    blocks come from the query-agnostic score. ``k_q is None`` means all ``k`` are query-aware.
+    """
+
+    method: str
+    k: int
+    k_q: int | None = None
+    sink_blocks: int = 1
+    window_blocks: int = 16
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"trace header: field 'selection.method' must be one of {METHODS}, got {self.method!r}")
+        _int(self.k, "selection.k", 1)
+        _int(self.sink_blocks, "selection.sink_blocks", 0)
+        _int(self.window_blocks, "selection.window_blocks", 0)
+        if self.k_q is not None:
+            _int(self.k_q, "selection.k_q", 0)
+            if self.k_q > self.k:
+                raise ValueError(f"trace header: field 'selection.k_q' ({self.k_q}) must be <= selection.k ({self.k})")
+
+    @property
+    def k_e(self) -> int:
+        """Blocks filled by the query-agnostic score."""
+        return 0 if self.k_q is None else self.k - self.k_q
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SelectionParams":
+        return cls(
+            method=_req(d, "method", "selection"),
+            k=_req(d, "k", "selection"),
+            k_q=d.get("k_q"),
+            sink_blocks=_req(d, "sink_blocks", "selection"),
+            window_blocks=_req(d, "window_blocks", "selection"),
+        )
+
+
+@dataclass(frozen=True)
+class TraceHeader:
+    """Everything about a trace except its arrays. ``steps``/``seqs``/``k``/``n_blocks`` describe the file."""
+
+    block_size: int
+    model: ModelShape
+    selection: SelectionParams
+    steps: int
+    seqs: int
+    k: int
+    n_blocks: int
+    chunk_steps: int = 128
+    arrays: tuple[str, ...] = ()
+    provenance: dict = field(default_factory=dict)
+    version: int = FORMAT_VERSION
+
+    def __post_init__(self):
+        _int(self.block_size, "block_size", 1)
+        _int(self.steps, "steps", 1)
+        _int(self.seqs, "seqs", 1)
+        _int(self.k, "k", 1)
+        _int(self.n_blocks, "n_blocks", 1)
+        _int(self.chunk_steps, "chunk_steps", 1)
+        for name in self.arrays:
+            if name not in OPTIONAL_ARRAYS:
+                raise ValueError(f"trace header: field 'arrays' has unknown array {name!r}; known: {OPTIONAL_ARRAYS}")
+        if not isinstance(self.provenance, dict):
+            raise ValueError("trace header: field 'provenance' must be a JSON object")
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.steps // self.chunk_steps)
+
+    def block_bytes(self) -> int:
+        return self.model.block_bytes(self.block_size)
+
+    def replace(self, **changes) -> "TraceHeader":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT_NAME,
+            "version": self.version,
+            "block_size": self.block_size,
+            "model": dataclasses.asdict(self.model),
+            "selection": dataclasses.asdict(self.selection),
+            "steps": self.steps,
+            "seqs": self.seqs,
+            "k": self.k,
+            "n_blocks": self.n_blocks,
+            "chunk_steps": self.chunk_steps,
+            "arrays": list(self.arrays),
+            "provenance": self.provenance,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TraceHeader":
+        if not isinstance(d, dict):
+            raise ValueError("trace header: must be a JSON object")
+        if d.get("format") != FORMAT_NAME:
+            raise ValueError(f"trace header: field 'format' must be {FORMAT_NAME!r}, got {d.get('format')!r}")
+        if "version" not in d:
+            raise ValueError("trace header: missing field 'version'")
+        if d["version"] != FORMAT_VERSION:
+            raise ValueError(
+                f"trace header: field 'version' is {d['version']!r}; this nosasim reads version {FORMAT_VERSION}"
+            )
+        arrays = _req(d, "arrays", "")
+        if not isinstance(arrays, list):
+            raise ValueError("trace header: field 'arrays' must be a list")
+        return cls(
+            block_size=_req(d, "block_size", ""),
+            model=ModelShape.from_dict(_req(d, "model", "")),
+            selection=SelectionParams.from_dict(_req(d, "selection", "")),
+            steps=_req(d, "steps", ""),
+            seqs=_req(d, "seqs", ""),
+            k=_req(d, "k", ""),
+            n_blocks=_req(d, "n_blocks", ""),
+            chunk_steps=_req(d, "chunk_steps", ""),
+            arrays=tuple(arrays),
+            provenance=_req(d, "provenance", ""),
+        )

@@ -1,0 +1,160 @@
+"""Model shapes and the one runtime configuration, validated when built."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+VARIANTS = ("dense", "infllmv2", "nosa", "trace")
+POLICIES = ("prev", "lru", "lfu", "static")
+
+
+@dataclass(frozen=True, slots=True)
+class ModelShape:
+    """A Llama-shaped decoder (RMSNorm, RoPE, GQA, SwiGLU)."""
+
+    name: str
+    layers: int
+    q_heads: int
+    kv_heads: int
+    head_dim: int
+    hidden: int
+    mlp: int
+    vocab: int = 32000
+
+    def __post_init__(self):
+        for f in ("layers", "q_heads", "kv_heads", "head_dim", "hidden", "mlp", "vocab"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"ModelShape.{f} must be >= 1, got {getattr(self, f)}")
+        if self.q_heads % self.kv_heads:
+            raise ValueError(f"ModelShape.q_heads ({self.q_heads}) must be a multiple of kv_heads ({self.kv_heads})")
+
+    @property
+    def group(self) -> int:
+        return self.q_heads // self.kv_heads
+
+    def weight_bytes(self, dtype_bytes: int = 2) -> int:
+        d = self.head_dim
+        per_layer = self.hidden * (self.q_heads + 2 * self.kv_heads) * d + self.q_heads * d * self.hidden
+        per_layer += 3 * self.hidden * self.mlp + 2 * self.hidden
+        return dtype_bytes * (self.layers * per_layer + 2 * self.vocab * self.hidden + self.hidden)
+
+
+PRESETS: dict[str, ModelShape] = {
+    "llama3-8b": ModelShape("llama3-8b", 32, 32, 8, 128, 4096, 14336, 128256),
+    "smollm2-135m": ModelShape("smollm2-135m", 30, 9, 3, 64, 576, 1536, 49152),
+    # A few-layer toy for CPU tests: every code path, small enough to run in milliseconds.
+    "tiny": ModelShape("tiny", 2, 4, 2, 16, 64, 128, 97),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeConfig:
+    """Everything one decode run needs besides the weights.
+
+    ``context`` is the prompt length: at the first decode step the cache holds ``context + 1`` tokens (the new one
+    included), as in the trace format. ``capacity`` is ``C``, the GPU slots for complete blocks per (layer, KV head,
+    sequence); the tail has its own slot. ``host_seqs`` < ``batch`` lets sequences share host rows (benchmarks only:
+    the bytes moved are the same, the host store's contents are not meaningful).
+    """
+
+    shape: ModelShape
+    variant: str = "nosa"
+    batch: int = 1
+    context: int = 4096
+    steps: int = 128
+    k: int = 64
+    k_q: int | None = None
+    capacity: int | None = None
+    policy: str = "prev"
+    block_size: int = 64
+    sink: int = 1
+    window: int = 16
+    dtype: str = "bfloat16"
+    host_seqs: int | None = None
+    compress_size: int = 32
+    compress_stride: int = 16
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.variant not in VARIANTS:
+            raise ValueError(f"RuntimeConfig.variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"RuntimeConfig.policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.dtype not in ("bfloat16", "float16", "float32"):
+            raise ValueError(f"RuntimeConfig.dtype must be bfloat16, float16 or float32, got {self.dtype!r}")
+        for f in ("batch", "context", "steps", "k", "block_size"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"RuntimeConfig.{f} must be >= 1, got {getattr(self, f)}")
+        if self.k < self.sink + self.window:
+            raise ValueError(f"RuntimeConfig.k ({self.k}) must be >= sink + window ({self.sink + self.window})")
+        if self.k_q is not None and not self.sink + self.window <= self.k_q <= self.k:
+            raise ValueError(f"RuntimeConfig.k_q must lie in [sink + window, k] = [{self.sink + self.window}, "
+                             f"{self.k}], got {self.k_q}")
+        if self.variant == "nosa" and (self.k_q is None or self.k_q >= self.k):
+            raise ValueError(f"RuntimeConfig.k_q must be < k for variant nosa, got k_q={self.k_q}, k={self.k}")
+        if self.capacity is not None and self.capacity < self.k - 1:
+            raise ValueError(f"RuntimeConfig.capacity ({self.capacity}) must be >= k - 1 ({self.k - 1}): every "
+                             f"selected complete block needs a slot")
+        if self.host_seqs is not None and not 1 <= self.host_seqs <= self.batch:
+            raise ValueError(f"RuntimeConfig.host_seqs must lie in [1, batch], got {self.host_seqs}")
+        if self.block_size % self.compress_stride or self.compress_size != 2 * self.compress_stride:
+            raise ValueError("RuntimeConfig: compressed keys need size == 2 * stride and stride dividing block_size")
+
+    # Derived sizes: one place, so memory checks and allocations agree.
+    @property
+    def offloaded(self) -> bool:
+        return self.variant != "dense"
+
+    @property
+    def slots(self) -> int:
+        """Regular slots per row: ``C`` (default ``k - 1``, NOSI's fixed cache of the selected blocks)."""
+        return self.k - 1 if self.capacity is None else self.capacity
+
+    @property
+    def max_tokens(self) -> int:
+        return self.context + self.steps
+
+    @property
+    def n_blocks(self) -> int:
+        """Blocks per row that ever exist, the tail of the last step included."""
+        return (self.max_tokens - 1) // self.block_size + 1
+
+    @property
+    def n_host_seqs(self) -> int:
+        return self.batch if self.host_seqs is None else self.host_seqs
+
+    @property
+    def dtype_bytes(self) -> int:
+        return 4 if self.dtype == "float32" else 2
+
+    def block_bytes(self) -> int:
+        """One block of K plus V of one (layer, KV head, sequence): one transfer chunk."""
+        return 2 * self.block_size * self.shape.head_dim * self.dtype_bytes
+
+    def gpu_bytes(self) -> dict[str, int]:
+        """Planned device memory by part (weights, block pool, metadata), checked before anything is allocated."""
+        s, bs = self.shape, self.block_size
+        rows = s.layers * s.kv_heads * self.batch
+        out = {"weights": s.weight_bytes(self.dtype_bytes)}
+        if self.offloaded:
+            out["block_pool"] = rows * (self.slots + 1) * self.block_bytes()
+            out["block_table"] = rows * (self.slots * 4 + self.n_blocks * 8 * 2)
+            nc = self.max_tokens // self.compress_stride
+            out["compressed_keys"] = rows * nc * s.head_dim * self.dtype_bytes if self.variant != "trace" else 0
+            out["token_bias"] = rows * self.n_blocks * bs * 4 if self.variant == "nosa" else 0
+        else:
+            out["kv_cache"] = rows * self.n_blocks * self.block_bytes()
+        # Activations and scratch: logits plus a few hidden-sized buffers per sequence, and selection scores.
+        out["scratch"] = self.batch * (s.vocab * 4 + 8 * max(s.hidden, s.mlp) * 4)
+        if self.offloaded and self.variant != "trace":
+            out["scratch"] += 4 * self.batch * s.q_heads * (self.max_tokens // self.compress_stride) * 4
+        return out
+
+    def host_bytes(self) -> int:
+        if not self.offloaded:
+            return 0
+        s = self.shape
+        return s.layers * self.n_host_seqs * s.kv_heads * self.n_blocks * self.block_bytes()
+
+    def with_(self, **changes) -> "RuntimeConfig":
+        return replace(self, **changes)

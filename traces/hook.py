@@ -1,0 +1,144 @@
+"""The attention tap: sees every layer's real post-RoPE query, keys and values while the model runs.
+
+It is registered as a transformers attention function (``AttentionInterface``), so the model's
+own code runs unchanged and calls it where it would call SDPA. The tap returns SDPA's output
+untouched (the model decodes exactly as it would) and, beside it, recomputes dense attention in
+float64 from the same tensors: that recomputation gives the true attention mass per block and is
+checked against SDPA's output at every decode step (``max_abs_err``), which proves that what the
+tap scores is what the model attends with.
+
+Per decode step, layer and KV head it stores the InfLLM-V2 block scores, the true attention mass
+per block, and the frozen static scores of every query-agnostic proxy. Batch size must be 1.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from nosasim import scoring
+
+ATTN_NAME = "nosasim_tap"
+PREFILL_CHUNK = 512  # prefill queries per chunk when proxies need the mass each token received
+
+
+class AttentionTap:
+    """Collects score arrays ``[steps, layers, kv_heads, 1, n_blocks]`` while a model decodes.
+
+    Set :attr:`step` to the decode step index before each single-token forward, and to ``None``
+    for the prefill forward.
+    """
+
+    def __init__(self, layers: int, kv_heads: int, steps: int, n_blocks: int, proxies: dict, block_size: int = 64):
+        self.layers, self.kv_heads, self.block_size = layers, kv_heads, block_size
+        self.proxies = proxies
+        self.qaware = np.full((steps, layers, kv_heads, 1, n_blocks), np.nan, np.float32)
+        self.mass = np.full_like(self.qaware, np.nan)
+        self.static = {name: np.full((layers, kv_heads, 1, n_blocks), np.nan, np.float32) for name in proxies}
+        self.step: int | None = None
+        self._ck: dict[int, np.ndarray] = {}
+        self._frozen = [0] * layers
+        self.max_abs_err = 0.0
+        self.max_abs_out = 0.0
+        self.checked = 0
+
+    @property
+    def rel_err(self) -> float:
+        return self.max_abs_err / self.max_abs_out if self.max_abs_out else 0.0
+
+    def install(self, model) -> None:
+        """Route the model's attention through this tap (the mask builder stays SDPA's)."""
+        AttentionInterface.register(ATTN_NAME, self._attention)
+        AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+        model.set_attn_implementation(ATTN_NAME)
+
+    def _attention(self, module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                              dropout=dropout, **kwargs)
+        if query.shape[0] != 1:
+            raise ValueError(f"the recorder traces one sequence: batch size must be 1, got {query.shape[0]}")
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        with torch.no_grad():
+            self._observe(module.layer_idx, query[0], key[0], value[0], float(scale), out[0])
+        return out, weights
+
+    def _observe(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, out) -> None:
+        n_q, n_tok = q.shape[1], k.shape[1]
+        kk = k.to(torch.float64)
+        vv = v.to(torch.float64)
+        new_k = kk[:, n_tok - n_q:].numpy()
+        new_v = vv[:, n_tok - n_q:].numpy()
+        for proxy in self.proxies.values():
+            proxy.extend(layer, new_k, new_v)
+        self._grow_compressed(layer, kk, n_tok)
+        if self.step is None:
+            self._prefill_mass(layer, q.to(torch.float64), kk, scale)
+            return
+        if n_q != 1:
+            raise RuntimeError(f"decode step {self.step} saw {n_q} queries; the recorder decodes one token at a time")
+        self._freeze(layer, n_tok)
+        hkv = kk.shape[0]
+        qg = q[:, 0].to(torch.float64).reshape(hkv, -1, q.shape[-1])  # [kv_heads, group, d]
+        probs = torch.softmax(torch.einsum("hgd,hnd->hgn", qg, kk) * scale, dim=-1)
+        ref = torch.einsum("hgn,hnd->hgd", probs, vv).reshape(-1, vv.shape[-1])
+        got = out[0].to(torch.float64)  # SDPA returns [q_len, q_heads, d]
+        self.max_abs_err = max(self.max_abs_err, float((got - ref).abs().max()))
+        self.max_abs_out = max(self.max_abs_out, float(ref.abs().max()))
+        self.checked += 1
+        received = probs.mean(dim=1).numpy()  # [kv_heads, tokens]: one query's mass sums to 1 per KV head
+        nb = (n_tok - 1) // self.block_size + 1
+        t = self.step
+        self.mass[t, layer, :, 0, :nb] = scoring.block_attention_mass(received, self.block_size)
+        self.qaware[t, layer, :, 0, :nb] = scoring.block_scores_from_compressed(
+            q[:, 0].float().numpy(), self._ck[layer], n_tok, scale=scale, block_size=self.block_size)
+        for proxy in self.proxies.values():
+            if proxy.needs_attention:
+                proxy.observe(layer, received)
+
+    def _grow_compressed(self, layer: int, kk: torch.Tensor, n_tok: int) -> None:
+        """Append the compressed keys of windows completed since the last call (they never change)."""
+        have = self._ck.get(layer)
+        n_old = 0 if have is None else have.shape[1]
+        n_new = scoring.n_windows(n_tok)
+        if n_new > n_old:
+            lo, hi = n_old * scoring.STRIDE, (n_new - 1) * scoring.STRIDE + scoring.WINDOW
+            fresh = scoring.compressed_keys(kk[:, lo:hi].float().numpy())
+            self._ck[layer] = fresh if have is None else np.concatenate([have, fresh], axis=1)
+        elif have is None:
+            self._ck[layer] = np.zeros((kk.shape[0], 0, kk.shape[2]), np.float32)
+
+    def _freeze(self, layer: int, n_tok: int) -> None:
+        """Fix the static score of blocks completed since the last step, before this step's query
+        attends: the selection of a step may only use what is known when it is made."""
+        n_complete = (n_tok - 1) // self.block_size
+        lo = self._frozen[layer]
+        if n_complete <= lo:
+            return
+        for name, proxy in self.proxies.items():
+            tok = proxy.scores(layer)[:, : n_complete * self.block_size]
+            self.static[name][layer, :, 0, lo:n_complete] = scoring.static_block_scores(
+                tok, block_size=self.block_size)[:, lo:]
+        self._frozen[layer] = n_complete
+
+    def _prefill_mass(self, layer: int, q: torch.Tensor, kk: torch.Tensor, scale: float) -> None:
+        """Mass each token received from all prompt queries (causal), chunked to bound memory."""
+        if not any(p.needs_attention for p in self.proxies.values()):
+            return
+        hkv, n_tok, d = kk.shape
+        n_q = q.shape[1]
+        qg = q.reshape(hkv, -1, n_q, d)
+        received = torch.zeros(hkv, n_tok, dtype=torch.float64)
+        pos = torch.arange(n_tok)
+        for lo in range(0, n_q, PREFILL_CHUNK):
+            hi = min(lo + PREFILL_CHUNK, n_q)
+            end = n_tok - n_q + hi  # keys any query of this chunk may see
+            logits = torch.einsum("hgqd,hnd->hgqn", qg[:, :, lo:hi].float(), kk[:, :end].float()) * scale
+            qpos = torch.arange(n_tok - n_q + lo, n_tok - n_q + hi)
+            logits.masked_fill_(pos[None, :end] > qpos[:, None], float("-inf"))
+            received[:, :end] += torch.softmax(logits, dim=-1).sum(dim=2).mean(dim=1).double()
+        for proxy in self.proxies.values():
+            if proxy.needs_attention:
+                proxy.observe(layer, received.numpy())
