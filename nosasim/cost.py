@@ -43,7 +43,7 @@ def _attn_fb(batch_tokens, batch, q_heads, kv_heads, head_dim, dt=2):
     """Decode attention over ``batch_tokens`` cached tokens summed over the batch (flash-decoding reads K and V once)."""
     kv_bytes = 2.0 * dt * kv_heads * head_dim * batch_tokens
     qo_bytes = 2.0 * dt * batch * q_heads * head_dim
-    return 4.0 * (q_heads / kv_heads) * kv_heads * head_dim * batch_tokens, kv_bytes + qo_bytes
+    return 4.0 * q_heads * head_dim * batch_tokens, kv_bytes + qo_bytes  # q.K and p.V for every query head
 
 
 def _n_cmp(context):
@@ -134,8 +134,8 @@ class CostModel:
                 dt * b * m.head_dim * (2 * (m.q_heads + m.kv_heads) + 2 * m.kv_heads), kernels=2)),
         ]
         if cfg.offloaded:
-            # Each sequence's compressed keys: n_cmp(ctx) ~ ctx/16, so summing contexts is close enough for the sum
-            # of n_cmp; we use the per-sequence mean context to keep the window offset right.
+            # Compressed keys summed over the micro-batch: n_cmp is affine in context (up to flooring), so b times
+            # n_cmp of the mean context equals the per-sequence sum within one key per sequence.
             cmp_sum = _n_cmp(ctx_sum / b) * b
             blocks_sum = ctx_sum / self.block_size + b
             nosa = cfg.variant == "nosa"
@@ -172,17 +172,23 @@ class CostModel:
         return [OpCost("embed", "elementwise", ones * self.elementwise(dt * 2 * b * m.hidden))], head
 
     @property
+    def chunks_per_block(self) -> int:
+        """Transfer chunks per block: 1 when K and V of a block are contiguous in host memory (the runtime's
+        layout), 2 when they are stored apart."""
+        return 1 if self.cfg.kv_layout == "joint" else 2
+
+    @property
     def chunk_bytes(self) -> int:
-        """One block of K or of V for one KV head: the unit a gather or writeback moves."""
-        return self.block_size * self.m.head_dim * self.m.dtype_bytes
+        """Bytes of one transfer chunk: one block of K plus V of one KV head (joint) or of K or V alone (split)."""
+        return self.block_size * self.m.head_dim * self.m.dtype_bytes * 2 // self.chunks_per_block
 
     def gather_time(self, missed_blocks: np.ndarray) -> np.ndarray:
-        """H2D gather of missed blocks: each miss moves two chunks (K and V)."""
-        return self.p.h2d.time(self.chunk_bytes, 2 * np.asarray(missed_blocks))
+        """H2D gather of the missed blocks of one layer and micro-batch (one kernel)."""
+        return self.p.h2d.time(self.chunk_bytes, self.chunks_per_block * np.asarray(missed_blocks))
 
     def writeback_time(self, written_blocks: np.ndarray) -> np.ndarray:
-        """D2H writeback of blocks completed at this step: two chunks each."""
-        return self.p.d2h.time(self.chunk_bytes, 2 * np.asarray(written_blocks))
+        """D2H writeback of the blocks completed at this step."""
+        return self.p.d2h.time(self.chunk_bytes, self.chunks_per_block * np.asarray(written_blocks))
 
 
 def class_totals(ops: list[OpCost], steps: int) -> np.ndarray:

@@ -123,12 +123,17 @@ class ReplayConfig:
     microbatches: int = _opt(1, "split the batch so one micro-batch's transfers overlap another's compute (1: none)")
     sink: int = _opt(1, "always-selected leading blocks (used when reselecting from scores)")
     window: int = _opt(16, "always-selected trailing blocks, tail included (used when reselecting)")
+    kv_layout: str = _opt("joint", "host KV layout: joint = K and V of a block are one transfer chunk (as "
+                                   "runtime/kvstore.py stores them), split = separate K and V chunks",
+                          choices=("joint", "split"))
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
             raise ValueError(f"variant: expected one of {VARIANTS}, got {self.variant!r}")
         if self.policy not in POLICIES:
             raise ValueError(f"policy: expected one of {POLICIES}, got {self.policy!r}")
+        if self.kv_layout not in ("joint", "split"):
+            raise ValueError(f"kv_layout: expected 'joint' or 'split', got {self.kv_layout!r}")
         for name in ("batch", "microbatches", "sink", "window"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "sink" else 1):

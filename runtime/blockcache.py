@@ -122,7 +122,7 @@ def update_table(table: BlockTable, layer: int, sel: torch.Tensor, step: torch.T
     miss_slot = torch.where(miss, free_order.gather(1, incoming_rank.clamp(0, C - 1)), -1)
     tail_dst = torch.where(tail_keep, free_order[:, 0], -1)
     hit_cand = eq.to(torch.int8).argmax(1)
-    sel_slot = torch.where(hit, torch.where(hit_cand == C, tail_dst, hit_cand), miss_slot)
+    sel_slot = torch.where(hit, torch.where(hit_cand == C, tail_dst[:, None], hit_cand), miss_slot)
 
     if check:
         n_free = (~keep_reg).sum(1)
@@ -138,3 +138,34 @@ def update_table(table: BlockTable, layer: int, sel: torch.Tensor, step: torch.T
     table.last[layer].scatter_(1, sidx, step.expand(R, sel.shape[1]))
     table.count[layer].scatter_add_(1, sidx, valid.long())
     return UpdatePlan(sel_slot, miss, tail_dst, n_miss)
+
+
+def replay_misses(sel: torch.Tensor, context_len: torch.Tensor, policy: str, capacity: int, block_size: int = 64,
+                  static: torch.Tensor | None = None, check: bool = False) -> torch.Tensor:
+    """Drive the table alone through a selection trace: misses per step, ``int64 [T, L, H, B]``.
+
+    ``sel`` int [T, L, H, B, K] and ``context_len`` int [T, B] as in a nosasim trace (on the device to run on);
+    ``static`` float [L, H, B, NB] for policy 'static'. This is the comparison against ``nosasim.cache`` without
+    the model; the decoder's trace variant makes the same calls with real copies.
+    """
+    T, L, H, B, K = sel.shape
+    dev = sel.device
+    nb = int((context_len.max() - 1) // block_size) + 1
+    table = BlockTable.allocate(L, B * H, capacity, nb, policy, dev)
+    if policy == "static":
+        if static is None:
+            raise ValueError("replay_misses: policy 'static' needs static scores")
+        table.static[:, :, :nb] = static.permute(0, 2, 1, 3).reshape(L, B * H, -1)[..., :nb].float()
+    out = torch.zeros((T, L, H, B), dtype=torch.int64, device=dev)
+    rows_seq = torch.arange(B * H, device=dev) // H
+    for t in range(T):
+        ctx = context_len[t].to(dev).long()[rows_seq]
+        tail = (ctx - 1) // block_size
+        tail_done = (ctx - 1) % block_size == 0 if t > 0 else torch.zeros_like(ctx, dtype=torch.bool)
+        step = torch.tensor(t, device=dev)
+        for layer in range(L):
+            s = sel[t, layer].permute(1, 0, 2).reshape(B * H, K).long()  # rows = seq * H + head
+            s = torch.where(s == tail[:, None], -1, s)
+            plan = update_table(table, layer, s, step, tail_done, tail - 1, check=check)
+            out[t, layer] = plan.n_miss.view(B, H).T
+    return out

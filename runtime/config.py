@@ -92,6 +92,9 @@ class RuntimeConfig:
                              f"{self.k}], got {self.k_q}")
         if self.variant == "nosa" and (self.k_q is None or self.k_q >= self.k):
             raise ValueError(f"RuntimeConfig.k_q must be < k for variant nosa, got k_q={self.k_q}, k={self.k}")
+        if self.policy == "static" and self.variant not in ("nosa", "trace"):
+            raise ValueError(f"RuntimeConfig.policy 'static' ranks blocks by NOSA's eviction score: it needs variant "
+                             f"nosa (or trace, with the trace's scores), got {self.variant!r}")
         if self.capacity is not None and self.capacity < self.k - 1:
             raise ValueError(f"RuntimeConfig.capacity ({self.capacity}) must be >= k - 1 ({self.k - 1}): every "
                              f"selected complete block needs a slot")

@@ -2,8 +2,8 @@
 
 It is registered as a transformers attention function (``AttentionInterface``), so the model's
 own code runs unchanged and calls it where it would call SDPA. The tap returns SDPA's output
-untouched (the model decodes exactly as it would) and, beside it, recomputes dense attention in
-float64 from the same tensors: that recomputation gives the true attention mass per block and is
+untouched (the model decodes exactly as it would) and, beside it, recomputes dense attention
+(float32 matmul, explicit softmax) from the same tensors: that recomputation gives the true attention mass per block and is
 checked against SDPA's output at every decode step (``max_abs_err``), which proves that what the
 tap scores is what the model attends with.
 
@@ -67,24 +67,23 @@ class AttentionTap:
 
     def _observe(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, out) -> None:
         n_q, n_tok = q.shape[1], k.shape[1]
-        kk = k.to(torch.float64)
-        vv = v.to(torch.float64)
+        kk, vv = k.float(), v.float()
         new_k = kk[:, n_tok - n_q:].numpy()
         new_v = vv[:, n_tok - n_q:].numpy()
         for proxy in self.proxies.values():
             proxy.extend(layer, new_k, new_v)
         self._grow_compressed(layer, kk, n_tok)
         if self.step is None:
-            self._prefill_mass(layer, q.to(torch.float64), kk, scale)
+            self._prefill_mass(layer, q.float(), kk, scale)
             return
         if n_q != 1:
             raise RuntimeError(f"decode step {self.step} saw {n_q} queries; the recorder decodes one token at a time")
         self._freeze(layer, n_tok)
         hkv = kk.shape[0]
-        qg = q[:, 0].to(torch.float64).reshape(hkv, -1, q.shape[-1])  # [kv_heads, group, d]
-        probs = torch.softmax(torch.einsum("hgd,hnd->hgn", qg, kk) * scale, dim=-1)
-        ref = torch.einsum("hgn,hnd->hgd", probs, vv).reshape(-1, vv.shape[-1])
-        got = out[0].to(torch.float64)  # SDPA returns [q_len, q_heads, d]
+        qg = q[:, 0].float().reshape(hkv, -1, q.shape[-1])  # [kv_heads, group, d]
+        probs = torch.softmax(torch.matmul(qg, kk.transpose(1, 2)) * scale, dim=-1)  # [kv_heads, group, tokens]
+        ref = torch.matmul(probs, vv).reshape(-1, vv.shape[-1])
+        got = out[0].float()  # SDPA returns [q_len, q_heads, d]
         self.max_abs_err = max(self.max_abs_err, float((got - ref).abs().max()))
         self.max_abs_out = max(self.max_abs_out, float(ref.abs().max()))
         self.checked += 1
@@ -105,7 +104,7 @@ class AttentionTap:
         n_new = scoring.n_windows(n_tok)
         if n_new > n_old:
             lo, hi = n_old * scoring.STRIDE, (n_new - 1) * scoring.STRIDE + scoring.WINDOW
-            fresh = scoring.compressed_keys(kk[:, lo:hi].float().numpy())
+            fresh = scoring.compressed_keys(kk[:, lo:hi].numpy())
             self._ck[layer] = fresh if have is None else np.concatenate([have, fresh], axis=1)
         elif have is None:
             self._ck[layer] = np.zeros((kk.shape[0], 0, kk.shape[2]), np.float32)
@@ -130,12 +129,12 @@ class AttentionTap:
         hkv, n_tok, d = kk.shape
         n_q = q.shape[1]
         qg = q.reshape(hkv, -1, n_q, d)
-        received = torch.zeros(hkv, n_tok, dtype=torch.float64)
+        received = torch.zeros(hkv, n_tok, dtype=torch.float64)  # float64: sums of up to n_q terms
         pos = torch.arange(n_tok)
         for lo in range(0, n_q, PREFILL_CHUNK):
             hi = min(lo + PREFILL_CHUNK, n_q)
             end = n_tok - n_q + hi  # keys any query of this chunk may see
-            logits = torch.einsum("hgqd,hnd->hgqn", qg[:, :, lo:hi].float(), kk[:, :end].float()) * scale
+            logits = torch.matmul(qg[:, :, lo:hi], kk[:, None, :end].transpose(2, 3)) * scale
             qpos = torch.arange(n_tok - n_q + lo, n_tok - n_q + hi)
             logits.masked_fill_(pos[None, :end] > qpos[:, None], float("-inf"))
             received[:, :end] += torch.softmax(logits, dim=-1).sum(dim=2).mean(dim=1).double()

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from nosasim.cli.cmd_reselect import sidecar_path
 from nosasim.select import check_budget, select_blocks
 from nosasim.trace import ModelShape, SelectionParams, Trace, write_trace
 from traces.hook import AttentionTap
@@ -54,10 +55,11 @@ class RecordConfig:
         check_budget(self.k, self.k_q, self.sink, self.window)
 
 
-def record(model, input_ids: torch.Tensor, cfg: RecordConfig, provenance: dict | None = None):
+def record(model, input_ids: torch.Tensor, cfg: RecordConfig, provenance: dict | None = None, log=None):
     """Greedy-decode ``cfg.steps`` tokens after ``input_ids`` ([1, n]) and return ``(trace, statics, tap)``.
 
     ``statics`` maps every proxy name to its frozen static scores ``[layers, kv_heads, 1, n_blocks]``.
+    ``log``, if given, receives a progress line now and then (recordings take minutes).
     """
     input_ids = torch.as_tensor(input_ids)
     if input_ids.ndim != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] < 1:
@@ -76,7 +78,11 @@ def record(model, input_ids: torch.Tensor, cfg: RecordConfig, provenance: dict |
         tap.step = None
         out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
         t_prefill = time.perf_counter() - t0
+        if log:
+            log(f"prefill of {n_prompt} tokens: {t_prefill:.1f} s")
         for t in range(cfg.steps):
+            if log and t and t % 32 == 0:
+                log(f"decode step {t}/{cfg.steps}: {time.perf_counter() - t0:.1f} s")
             nxt = out.logits[:, -1].argmax(-1, keepdim=True)
             generated.append(int(nxt))
             tap.step = t
@@ -93,7 +99,7 @@ def record(model, input_ids: torch.Tensor, cfg: RecordConfig, provenance: dict |
         agnostic_proxy=cfg.proxy, agnostic_proxies={n: PROXIES[n].description for n in PROXIES},
         hook_check={"decode_calls_checked": tap.checked, "max_abs_err": tap.max_abs_err,
                     "max_abs_output": tap.max_abs_out, "rel_err": tap.rel_err,
-                    "what": "SDPA output of the model vs float64 dense attention recomputed by the tap"},
+                    "what": "SDPA output of the model vs dense attention recomputed by the tap (float32 matmul + softmax)"},
         timing_s={"prefill": round(t_prefill, 2), "total": round(t_total, 2)},
         record_config=dataclasses.asdict(cfg),
         versions={"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
@@ -118,18 +124,13 @@ def _version(name: str) -> str:
         return "absent"
 
 
-def sidecar_path(trace_path: str) -> str:
-    """``x.nosatrace`` -> ``x.agnostic.npz``: the static scores of every proxy."""
-    base = trace_path[: -len(".nosatrace")] if trace_path.endswith(".nosatrace") else trace_path
-    return base + ".agnostic.npz"
-
-
 def write_statics(path: str, statics: dict) -> None:
     """Write the proxies' static scores atomically (temporary file in the same folder, then rename)."""
     fd, tmp = tempfile.mkstemp(prefix=".agnostic-", suffix=".npz", dir=os.path.dirname(os.path.abspath(path)))
     os.close(fd)
     try:
         np.savez_compressed(tmp, **{k: v.astype(np.float32) for k, v in statics.items()})
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the sidecar is data meant to be shared
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -204,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"traces.record: error: {exc}", file=sys.stderr)
         return 2
     prov.update(text_prov, command="python -m traces.record " + " ".join(sys.argv[1:] if argv is None else argv))
-    trace, statics, tap = record(model, ids, cfg, prov)
+    trace, statics, tap = record(model, ids, cfg, prov, log=lambda m: print(m, file=sys.stderr, flush=True))
     size = write_trace(a.out, trace)
     write_statics(sidecar_path(a.out), statics)
     print(f"wrote {a.out} ({size} bytes, {trace.steps} steps, {trace.n_blocks} blocks); hook max abs err "

@@ -8,7 +8,10 @@ keep priorities, shared with the GPU runtime, in :mod:`nosasim.cache.policies`.
 
 from .engine import CacheEngine, CapacityError, StepCounters, simulate_arrays
 from .policies import POLICIES, eviction_order, keep_key
+from .result import CacheResult
+from .simulate import simulate_cache
 
 __all__ = [
-    "POLICIES", "CacheEngine", "CapacityError", "StepCounters", "eviction_order", "keep_key", "simulate_arrays",
+    "POLICIES", "CacheEngine", "CacheResult", "CapacityError", "StepCounters", "eviction_order", "keep_key",
+    "simulate_arrays", "simulate_cache",
 ]

@@ -6,7 +6,7 @@ Per row (layer, KV head, sequence) the state is a handful of fixed arrays over t
 - ``slots[r, :nres[r]]``: the resident complete blocks, unordered (eviction scans only these, not all blocks);
 - ``last[r, b]``: lru key (last step attended, -1 never); it doubles as the "selected at step t" mark, since
   every block selected at step ``t`` gets ``last == t`` and nothing else can have it;
-- ``count[r, b]``: times selected (lfu);
+- ``count[r, b]``: times selected (maintained for lfu only, the one policy that reads it);
 - ``prev_tail[r]``: tail block of the previous step (-1 before the first step).
 
 Rows are processed in tiles of a few rows, step by step inside a tile: a tile's state stays in L1/L2 cache while
@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .policies import BELADY, NEVER, PREV, STATIC, keep_key_nb
+from .policies import BELADY, LFU, NEVER, PREV, STATIC, keep_key_nb
 
 ERR_NONE, ERR_FUTURE, ERR_DUPLICATE, ERR_CAPACITY, ERR_BUG = 0, 1, 2, 3, 4
 # err layout: [code, local step, row, block id or selection size, tail or capacity]
@@ -37,13 +37,18 @@ def _evicted_before(pa, sa, ia, pb, sb, ib):
 
 
 @njit(cache=True)
-def _evict(r, rr, t, gt, n, capacity, policy, pos, slots, last, count, nxt, static, cand, kp, ks, rec_ev):
+def _evict(r, rr, t, gt, n, capacity, policy, state, nxt, static, scratch, rec_ev):
     """Evict the surplus of row ``r`` at step ``gt``; returns the new number of resident blocks.
+
+    ``state`` is run_chunk's per-row state tuple; ``scratch`` = (candidate ids, primary keys, secondary keys),
+    buffers of n_blocks entries reused for every row and step.
 
     Only unselected candidates (``last != gt``) can go. Partial selection instead of a sort: the surplus is
     usually a few blocks, so finding the few smallest (or, when most go, the few largest to keep) by repeated
     scans is cheaper than sorting, and needs no allocation.
     """
+    pos, slots, _, last, count, _ = state
+    cand, kp, ks = scratch
     m = 0
     for i in range(n):
         b = slots[r, i]
@@ -131,12 +136,11 @@ def run_chunk(sel, ctx, block_size, policy, capacity, static, step0, state, out,
     ncols = ctx.shape[1]
     record = rec_res.shape[0] > 0
     belady = policy == BELADY
+    lfu = policy == LFU
     nxt_entry = np.empty((T if belady else 0, tile, K), np.int32)
     first_use = np.empty((tile if belady else 0, NB), np.int32)
     nxt = np.empty((tile if belady else 1, NB), np.int32)
-    cand = np.empty(NB, np.int32)
-    kp = np.empty(NB, np.float64)
-    ks = np.empty(NB, np.float64)
+    scratch = (np.empty(NB, np.int32), np.empty(NB, np.float64), np.empty(NB, np.float64))
     for r0 in range(0, R, tile):
         r1 = min(R, r0 + tile)
         if belady:
@@ -176,7 +180,8 @@ def run_chunk(sel, ctx, block_size, policy, capacity, static, step0, state, out,
                         err[0], err[1], err[2], err[3], err[4] = ERR_DUPLICATE, t, r, b, tail
                         return
                     last[r, b] = gt
-                    count[r, b] += 1
+                    if lfu:  # only lfu reads the count; skipping the store elsewhere keeps the loop lean
+                        count[r, b] += 1
                     ns += 1
                     if pos[r, b] >= 0:
                         h += 1
@@ -192,8 +197,7 @@ def run_chunk(sel, ctx, block_size, policy, capacity, static, step0, state, out,
                     return
                 n_new = n
                 if (policy == PREV and n > ns) or (policy != PREV and n > capacity):
-                    n_new = _evict(r, rr, t, gt, n, capacity, policy, pos, slots, last, count, nxt, static,
-                                   cand, kp, ks, rec_ev)
+                    n_new = _evict(r, rr, t, gt, n, capacity, policy, state, nxt, static, scratch, rec_ev)
                     if n_new < 0:
                         err[0], err[1], err[2], err[3], err[4] = ERR_BUG, t, r, ns, capacity
                         return

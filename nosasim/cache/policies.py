@@ -29,8 +29,8 @@ PREV, LRU, LFU, STATIC, BELADY = 0, 1, 2, 3, 4
 
 POLICIES: dict[str, str] = {
     "prev": (
-        "keep exactly the blocks step t attended: everything else is evicted, so the capacity C is irrelevant "
-        "(NOSI's rule, the authors' inference system)"
+        "keep exactly the blocks step t attended, evict everything else (NOSI's rule, the authors' inference "
+        "system); C does not change the result, though it must still hold the largest selection"
     ),
     "lru": "keep the blocks attended most recently (selected, or the tail); evict the least recently used",
     "lfu": "keep the blocks selected most often; ties by recency (lru's key), then by id",

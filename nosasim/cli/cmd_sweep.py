@@ -1,0 +1,71 @@
+"""``nosasim sweep``: evaluate many configurations of one trace; CSV of all points, Pareto front, plot."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+from nosasim.cli.cmd_replay import add_config_options, config_from_args, default_trace
+from nosasim.models import config_fields
+
+LISTED = ("variant", "k", "k_q", "capacity", "policy", "batch", "microbatches")
+
+
+def _run(args) -> int:
+    from nosasim.plot import plot_sweep
+    from nosasim.sim import resolve
+    from nosasim.sweep import atomic_write, expand, pareto, run_sweep, write_csv
+    from nosasim.trace import TraceReader, read_trace
+
+    path = Path(args.trace) if args.trace else default_trace()
+    if not path.exists():
+        raise ValueError(f"TRACE: no such file {str(path)!r}")
+    with TraceReader(path) as reader:
+        has_scores = "qaware_score" in reader.header.arrays
+    if args.k and len(args.k) > 1 and not has_scores:
+        raise ValueError("--k: sweeping k needs a score trace (qaware_score) to re-select from")
+    grid = {f: getattr(args, f) for f in LISTED if getattr(args, f) is not None}
+    # The base config holds the unlisted fields; listed ones get a valid placeholder (their first value, or None
+    # for budgets, which expand() fills per point).
+    defaults = {name: default for name, default, *_ in config_fields()}
+    base = config_from_args(args, **{f: (grid[f][0] if f in ("variant", "policy", "batch", "microbatches") else None)
+                                     if f in grid else defaults[f] for f in LISTED})
+    head = read_trace(path, 0, 1)  # budgets default to the trace's; one step is enough to read them
+    resolved, _, _ = resolve(head, dataclasses.replace(base, variant="nosa" if base.variant == "dense" else base.variant))
+    base = dataclasses.replace(base, model=resolved.model, k=resolved.k if base.k is None else base.k,
+                               k_q=resolved.k_q if base.k_q is None and resolved.variant == "nosa" else base.k_q)
+    cfgs, skipped = expand(base, grid)
+    if not cfgs:
+        raise ValueError(f"sweep: all {skipped} combinations are impossible budgets (k_q > k, C < k, ...)")
+    workers = args.workers or min(os.cpu_count() or 1, 8)
+    rows = run_sweep(str(path), cfgs, workers=workers, progress=not args.quiet)
+    out = Path(args.out)
+    front = pareto(rows)
+    write_csv(out / "points.csv", rows)
+    write_csv(out / "pareto.csv", front)
+    summary = {"trace": str(path), "points": len(rows), "skipped_impossible": skipped,
+               "fitting": sum(r["fits"] for r in rows), "pareto": front}
+    if any(r["recall"] is not None for r in rows):
+        summary["pareto_recall"] = pareto(rows, x="recall", minimize_x=False)
+        write_csv(out / "pareto_recall.csv", summary["pareto_recall"])
+    atomic_write(out / "summary.json", json.dumps(summary, indent=1, default=str).encode())
+    plot_sweep(rows, front, out / "sweep.png", title=f"{path.name} on {base.profile}, {base.model}")
+    print(f"{len(rows)} points ({skipped} impossible skipped, {summary['fitting']} fit); Pareto front:")
+    for r in front:
+        print(f"  {r['variant']:<8} k={r['k']} k_q={r['k_q']} C={r['capacity']} {r['policy']:<6} batch={r['batch']:<4}"
+              f" mb={r['microbatches']}  {r['tokens_per_s']:10.1f} tok/s  {r['gpu_memory_bytes'] / 2**30:7.2f} GiB")
+    print(f"wrote {out}/points.csv, pareto.csv, summary.json, sweep.png")
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("sweep", help="evaluate a grid of budgets, policies and batches; Pareto front + plot",
+                              description=__doc__)
+    p.add_argument("trace", nargs="?", help="trace file (default: the bundled sample score trace)")
+    add_config_options(p, as_lists=LISTED)
+    p.add_argument("--out", default="sweep-out", help="output folder (default sweep-out)")
+    p.add_argument("--workers", type=int, default=0, help="worker processes (default: local cores, at most 8)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run)

@@ -1,0 +1,71 @@
+"""Plots of sweeps and comparisons (matplotlib, Agg backend: no display needed), written atomically as PNG."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from nosasim.cost import CLASSES
+
+_COLORS = {"gemm": "#4c72b0", "attention": "#dd8452", "selection": "#55a868", "cache": "#8172b3",
+           "elementwise": "#937860", "h2d_wait": "#c44e52", "d2h_wait": "#da8bc3"}
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | Path) -> None:
+    from nosasim.sweep import atomic_write
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    atomic_write(path, buf.getvalue())
+
+
+def plot_sweep(rows: list[dict], front: list[dict], path: str | Path, title: str = "") -> None:
+    """Tokens/s against GPU memory for every fitting point, coloured by policy, with the Pareto front."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fits = [r for r in rows if r["fits"]]
+    for policy in sorted({r["policy"] if r["variant"] != "dense" else "dense" for r in fits}):
+        pts = [r for r in fits if (r["policy"] if r["variant"] != "dense" else "dense") == policy]
+        ax.scatter([r["gpu_memory_bytes"] / 2**30 for r in pts], [r["tokens_per_s"] for r in pts], s=14,
+                   alpha=0.6, label=policy)
+    if front:
+        ax.plot([r["gpu_memory_bytes"] / 2**30 for r in front], [r["tokens_per_s"] for r in front], "k-o",
+                ms=4, lw=1.2, label="Pareto front")
+    ax.set_xlabel("GPU memory (GiB)")
+    ax.set_ylabel("predicted tokens/s")
+    ax.set_title(title or "sweep: throughput vs GPU memory")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_compare(results: list[tuple[str, object]], path: str | Path, title: str = "") -> None:
+    """Left: tokens/s per variant. Right: each variant's median step split into breakdown classes."""
+    plt = _figure()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    names = [n for n, _ in results]
+    a.bar(names, [p.tokens_per_s for _, p in results], color=["#8c8c8c", "#dd8452", "#4c72b0"][:len(names)])
+    for i, (_, p) in enumerate(results):
+        a.text(i, p.tokens_per_s, f"{p.tokens_per_s:,.0f}", ha="center", va="bottom", fontsize=8)
+    a.set_ylabel("predicted tokens/s")
+    a.grid(axis="y", alpha=0.3)
+    bottom = [0.0] * len(results)
+    for c in CLASSES:
+        vals = [p.breakdown[c] * 1e3 for _, p in results]
+        b.bar(names, vals, bottom=bottom, color=_COLORS[c], label=c)
+        bottom = [x + y for x, y in zip(bottom, vals)]
+    b.set_ylabel("median step time (ms)")
+    b.legend(fontsize=7)
+    fig.suptitle(title)
+    _save(fig, path)
+    plt.close(fig)

@@ -1,0 +1,180 @@
+"""Predict decode step time, throughput and memory by replaying a trace.
+
+``predict(trace, config)`` is the whole pipeline: resolve budgets against the trace, re-select from scores when the
+budgets differ from the trace's, run the policy engine (``nosasim.cache``), assemble the batch and retarget to the
+model shape (``nosasim.batch``), cost every op of every step (``nosasim.cost``), and run the schedule through the
+analytic path (default) or the SimPy event model (``method="des"``). Per-step transfer volume is that step's misses,
+never an average.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from nosasim.batch import BatchPlan, microbatch_groups, per_layer_seq, per_microbatch, plan_batch
+from nosasim.cost import CostModel, class_totals
+from nosasim.hardware import Profile, load_profile
+from nosasim.memory import check_fits, footprint, host_kv_bytes, max_batch
+from nosasim.models import ModelSpec, ReplayConfig, load_model, presets
+from nosasim.sim.schedule import SimResult, StepInputs, program
+
+__all__ = ["Prediction", "StepInputs", "SimResult", "build_inputs", "predict", "program", "resolve", "run_cache"]
+
+
+def _preset_for(shape) -> str:
+    """The preset a trace was recorded on: by name, else the one preset with the trace's attention shape."""
+    if shape.name in presets():
+        return shape.name
+    same = []
+    for n in presets():
+        m = load_model(n)
+        if (m.layers, m.kv_heads, m.head_dim) == (shape.layers, shape.kv_heads, shape.head_dim) and \
+                shape.q_heads in (None, m.q_heads):
+            same.append(n)
+    if len(same) != 1:
+        raise ValueError(f"--model: the trace's model {shape.name or '(unnamed)'!r} is not a preset and its shape "
+                         f"matches {len(same)} presets; pass one of {presets()}, a JSON file or a key=value shape")
+    return same[0]
+
+
+def resolve(trace, cfg: ReplayConfig) -> tuple[ReplayConfig, ModelSpec, Profile]:
+    """Fill the config's trace-dependent defaults (model, k, k_q) and load the model shape and profile."""
+    sel = trace.header.selection
+    name = cfg.model or _preset_for(trace.header.model)
+    model = load_model(name)
+    changes = {"model": name}
+    if cfg.variant != "dense" and cfg.k is None:
+        changes["k"] = sel.k
+        if cfg.k_q is None and cfg.variant == "nosa":
+            has_scores = trace.qaware_score is not None and trace.agnostic_score is not None
+            changes["k_q"] = sel.k_q if sel.k_q is not None else (None if has_scores else sel.k)
+    cfg = dataclasses.replace(cfg, **changes)
+    return cfg, model, load_profile(cfg.profile)
+
+
+def _selection_trace(trace, cfg: ReplayConfig):
+    """The trace whose selections match the config's budgets: the trace itself, or a re-selection from its scores."""
+    sel = trace.header.selection
+    have = (sel.k, sel.k if sel.k_q is None else sel.k_q)
+    want = (cfg.k, cfg.k_q)
+    if have == want:
+        return trace
+    if trace.qaware_score is None:
+        raise ValueError(f"--k/--kq: the trace holds selections for k={have[0]}, k_q={have[1]} and no scores to "
+                         f"re-select from, so it cannot replay k={want[0]}, k_q={want[1]}; use a score trace or "
+                         f"matching budgets")
+    from nosasim.select import reselect
+
+    return reselect(trace, cfg.k, cfg.k_q if cfg.k_q < cfg.k else None, sink=cfg.sink, window=cfg.window)
+
+
+def run_cache(trace, cfg: ReplayConfig):
+    """Policy-engine result for the config's selections, or None for dense (nothing is cached or moved)."""
+    if not cfg.offloaded:
+        return None
+    from nosasim.cache.simulate import simulate_cache
+
+    return simulate_cache(_selection_trace(trace, cfg), cfg.policy, cfg.capacity)
+
+
+def build_inputs(cost: CostModel, context: np.ndarray, misses: np.ndarray, writebacks: np.ndarray,
+                 microbatches: int) -> StepInputs:
+    """Op seconds for every step: ``context`` [T, B] tokens per sequence, ``misses``/``writebacks`` [T, L, B]
+    blocks per layer and sequence (already summed over the target's KV heads)."""
+    steps, batch = context.shape
+    groups = microbatch_groups(batch, microbatches)
+    pre, post, pre_cls, post_cls = [], [], [], []
+    step_pre_ops, step_post_ops = [], []
+    for g in groups:
+        ops_pre, ops_post = cost.layer_ops(len(g), context[:, g].sum(axis=1))
+        pre_cls.append(class_totals(ops_pre, steps))
+        post_cls.append(class_totals(ops_post, steps))
+        emb, head = cost.step_ops(len(g), steps)
+        step_pre_ops += emb
+        step_post_ops += head
+    pre_cls, post_cls = np.stack(pre_cls, axis=1), np.stack(post_cls, axis=1)
+    step_pre = class_totals(step_pre_ops, steps)
+    step_post = class_totals(step_post_ops, steps)
+    return StepInputs(
+        pre=pre_cls.sum(axis=2), post=post_cls.sum(axis=2), pre_cls=pre_cls, post_cls=post_cls,
+        step_pre=step_pre.sum(axis=1), step_post=step_post.sum(axis=1), step_cls=step_pre + step_post,
+        gather=cost.gather_time(per_microbatch(misses, groups)),
+        writeback=cost.writeback_time(per_microbatch(writebacks, groups)),
+    )
+
+
+@dataclass
+class Prediction:
+    """What one replay predicts. ``breakdown`` is the median step's seconds per class (sums to ``step_time_s``)."""
+
+    step_time_s: float
+    tokens_per_s: float
+    breakdown: dict[str, float]
+    hit_rate: float | None
+    h2d_bytes_per_step: float
+    d2h_bytes_per_step: float
+    gpu_memory_bytes: float
+    memory: dict[str, float]
+    max_batch: int
+    host_kv_bytes: float
+    steps: int
+    method: str
+    config: dict = field(default_factory=dict)
+    step_times: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def transfer_share(self) -> float:
+        """Share of the step spent stalled on transfers (exposed PCIe time)."""
+        return (self.breakdown["h2d_wait"] + self.breakdown["d2h_wait"]) / self.step_time_s
+
+    def to_json(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "step_times"}
+        out["transfer_share"] = self.transfer_share
+        return out
+
+
+def predict(trace, cfg: ReplayConfig, *, method: str = "analytic", cache_result=None, check_memory: bool = True,
+            resolved: tuple[ModelSpec, Profile] | None = None) -> Prediction:
+    """Replay ``trace`` under ``cfg``. Pass ``cache_result`` (and ``resolved``) to reuse work across sweep points."""
+    if method not in ("analytic", "des"):
+        raise ValueError(f"method: expected 'analytic' or 'des', got {method!r}")
+    if resolved is None:
+        cfg, model, profile = resolve(trace, cfg)
+    else:
+        model, profile = resolved
+    plan: BatchPlan = plan_batch(trace.seqs, trace.steps, cfg.batch)
+    context = plan.take(trace.context_len)
+    ctx_max = int(context.max())
+    mem = check_fits(profile, model, cfg, cfg.batch, ctx_max, trace.block_size) if check_memory else \
+        footprint(model, cfg, cfg.batch, ctx_max, trace.block_size)
+    cost = CostModel(profile, model, cfg, trace.block_size)
+    zeros = np.zeros((plan.steps, model.layers, cfg.batch), dtype=np.int64)
+    hit_rate = None
+    if cfg.offloaded:
+        res = cache_result if cache_result is not None else run_cache(trace, cfg)
+        misses = plan.take(per_layer_seq(res.misses, model.layers, model.kv_heads))
+        writebacks = plan.take(per_layer_seq(res.writebacks, model.layers, model.kv_heads))
+        hits = int(plan.take(per_layer_seq(res.hits, model.layers, model.kv_heads)).sum())
+        hit_rate = hits / (hits + int(misses.sum())) if hits + misses.sum() else None
+    else:
+        misses = writebacks = zeros
+    inputs = build_inputs(cost, context, misses, writebacks, cfg.microbatches)
+    if method == "des":
+        from nosasim.sim.des import simulate
+    else:
+        from nosasim.sim.analytic import simulate
+    result = simulate(inputs)
+    step, parts = result.median_step()
+    block = model.block_bytes(trace.block_size)
+    return Prediction(
+        step_time_s=step, tokens_per_s=cfg.batch / step, breakdown=parts, hit_rate=hit_rate,
+        h2d_bytes_per_step=float(misses.sum(axis=(1, 2)).mean() * block),
+        d2h_bytes_per_step=float(writebacks.sum(axis=(1, 2)).mean() * block),
+        gpu_memory_bytes=float(sum(mem.values())), memory=mem,
+        max_batch=max_batch(profile, model, cfg, ctx_max, trace.block_size),
+        host_kv_bytes=host_kv_bytes(model, cfg.batch, ctx_max, trace.block_size) if cfg.offloaded else 0.0,
+        steps=plan.steps, method=method, config=dataclasses.asdict(cfg), step_times=result.step_s,
+    )

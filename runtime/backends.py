@@ -1,0 +1,190 @@
+"""Attention backends: where K/V live and which blocks a step attends. One interface, two implementations.
+
+- ``DenseBackend``: the whole KV cache on the GPU (block ``i`` of a row in pool slot ``i``), attention over every
+  block: the baseline.
+- ``OffloadBackend``: KV in the pinned host store, ``C`` slots plus a tail slot per row on the GPU, and per layer:
+  fold the new token into the scoring state, select (InfLLM-V2, NOSA, or the trace's selection), update the block
+  table, write back a completed tail, move it into a regular slot if kept, gather the misses over PCIe, write the
+  new token into the tail slot, attend.
+
+Per-step values shared by all layers (positions, tails, which tails completed) are computed once in
+``begin_step`` from device tensors, so a captured CUDA graph replays them correctly at every step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .attention import AttentionPlan, sparse_decode_attention
+from .blockcache import BlockTable, update_table
+from .config import RuntimeConfig
+from .gather import copy_chunks
+from .kvstore import HostStore
+from .selection import ScoreState, append_token, init_prompt, qaware_block_scores, select_blocks_gpu
+
+
+@dataclass
+class StepState:
+    """Device-side decode position: everything a replayed graph must read rather than bake in."""
+
+    ctx: torch.Tensor  # int64 [B]: tokens in the cache at the current step, the new one included
+    step: torch.Tensor  # int64 0-d: index of the current step (-1 before the first)
+
+
+class _Base:
+    def __init__(self, cfg: RuntimeConfig, device, ctx0: torch.Tensor | None = None):
+        self.cfg, self.device = cfg, device
+        s = cfg.shape
+        self.B, self.H, self.R = cfg.batch, s.kv_heads, cfg.batch * s.kv_heads
+        ctx = torch.full((cfg.batch,), cfg.context, dtype=torch.int64) if ctx0 is None else ctx0.long() - 1
+        self.state = StepState(ctx.to(device), torch.full((), -1, dtype=torch.int64, device=device))
+        self.rows = torch.arange(self.R, device=device)
+        self.row_seq = self.rows // self.H
+        self.tok = torch.arange(cfg.block_size, device=device)
+
+    def begin_step(self) -> torch.Tensor:
+        st, bs = self.state, self.cfg.block_size
+        st.ctx.add_(1)
+        st.step.add_(1)
+        ctx = st.ctx[self.row_seq]
+        self.pos = ctx - 1  # [R]
+        self.tail = self.pos // bs
+        self.fill = self.pos % bs + 1  # valid tokens of the tail
+        self.tail_done = (self.pos % bs == 0) & (st.step > 0)
+        self.ctx_rows = ctx
+        return st.ctx - 1
+
+
+class DenseBackend(_Base):
+    """All KV on the GPU: pool ``[L, R, NB, 2, BS, D]``; attention lists every block."""
+
+    def __init__(self, cfg: RuntimeConfig, device, seed: int = 0):
+        super().__init__(cfg, device)
+        s = cfg.shape
+        dt = getattr(torch, cfg.dtype)
+        self.pool = torch.empty((s.layers, self.R, cfg.n_blocks, 2, cfg.block_size, s.head_dim), dtype=dt, device=device)
+        g = torch.Generator(device=device).manual_seed(seed)
+        for layer in range(s.layers):  # random prompt K/V, layer by layer to bound the temporary
+            self.pool[layer].normal_(generator=g)
+        self.slots = torch.arange(cfg.n_blocks, device=device).expand(self.R, -1).contiguous()
+
+    def attend(self, layer, q, k, v, lw):
+        pool = self.pool[layer]
+        pool[self.rows, self.tail, 0, self.fill - 1] = k
+        pool[self.rows, self.tail, 1, self.fill - 1] = v
+        lens = torch.where(self.slots < self.tail[:, None], self.cfg.block_size,
+                           torch.where(self.slots == self.tail[:, None], self.fill[:, None], 0)).int()
+        return sparse_decode_attention(q, pool, AttentionPlan(self.slots, lens, self.slots))
+
+
+class OffloadBackend(_Base):
+    """Host store + GPU block cache (see the module docstring). ``trace_sel``: int [T, L, H, B] selections to use
+    instead of (variant 'trace') or after (replay, for timing with realistic locality) the computed ones."""
+
+    def __init__(self, cfg: RuntimeConfig, device, host: HostStore, trace_sel: torch.Tensor | None = None,
+                 ctx0: torch.Tensor | None = None, copies: bool = True):
+        super().__init__(cfg, device, ctx0)
+        s = cfg.shape
+        dt = getattr(torch, cfg.dtype)
+        C = cfg.slots
+        self.C, self.host, self.copies = C, host, copies
+        self.pool = torch.empty((s.layers, self.R, C + 1, 2, cfg.block_size, s.head_dim), dtype=dt, device=device)
+        self.table = BlockTable.allocate(s.layers, self.R, C, cfg.n_blocks, cfg.policy, device)
+        qaware = cfg.variant in ("infllmv2", "nosa")
+        agnostic = cfg.variant == "nosa"
+        self.scores = ScoreState.allocate(s.layers, self.R, s.head_dim, cfg.max_tokens, cfg.n_blocks, qaware=qaware,
+                                          agnostic=agnostic, dtype=dt, device=device, stride=cfg.compress_stride,
+                                          block_size=cfg.block_size)
+        if self.table.static is not None and agnostic:
+            self.table.static = self.scores.static  # 'static' keeps blocks by NOSA's own frozen score
+        # (variant 'trace' with 'static': the caller fills table.static from the trace's agnostic scores)
+        self.trace_sel = trace_sel
+        self.row_base = host.row_base(device)
+        self.slot_base = self.rows * (C + 1)
+        self.loaded = torch.zeros((cfg.steps, s.layers, self.R), dtype=torch.int32, device=device)
+        self.chunk = cfg.block_bytes()
+        self.record: list | None = None
+
+    def prefill(self, weights, exact: bool, seed: int = 0) -> None:
+        """Scoring state of the prompt and the partial tail block into the tail slot. ``exact`` derives the scoring
+        state from the host store's prompt (tests); otherwise it is random (timing: content does not matter)."""
+        cfg, s = self.cfg, self.cfg.shape
+        P = int(self.state.ctx.max())
+        tail0 = torch.div(self.state.ctx[self.row_seq], cfg.block_size, rounding_mode="floor")
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        for layer in range(s.layers):
+            copy_chunks(self.host.layer(layer), self.pool[layer], self.row_base + tail0, self.slot_base + self.C,
+                        self.chunk)
+            sc = self.scores
+            if exact:
+                rows_kv = self.host.layer(layer).flatten(0, 1)[self.row_base // cfg.n_blocks].to(self.device)
+                keys = rows_kv[:, :, 0].flatten(1, 2)[:, :P]
+                vals = rows_kv[:, :, 1].flatten(1, 2)[:, :P]
+                cis = self._cis(weights.layers[layer], vals) if sc.cis is not None else None
+                init_prompt(sc, layer, keys if sc.ckeys is not None else None, cis)
+            else:
+                if sc.ckeys is not None:
+                    sc.ckeys[layer].normal_(generator=g)
+                if sc.cis is not None:
+                    sc.cis[layer].normal_(generator=g)
+                    sc.cscore[layer].normal_(generator=g)
+                    sc.static[layer].normal_(generator=g)
+
+    def _cis(self, lw, v: torch.Tensor) -> torch.Tensor:
+        """NOSA eviction score ``A_h * softplus(W_h . v)`` of values ``v [R, ..., D]`` (row = seq * H + head)."""
+        h = self.rows % self.H
+        w = lw.evict_w[h].view(self.R, *([1] * (v.dim() - 2)), -1)
+        return lw.evict_a[h].view(self.R, *([1] * (v.dim() - 2))) * F.softplus((v.float() * w).sum(-1))
+
+    def select(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        sel = None
+        if cfg.variant in ("infllmv2", "nosa"):
+            qs = qaware_block_scores(self.scores, layer, q, self.ctx_rows, cfg.n_blocks)
+            agn = self.scores.static[layer, :, : cfg.n_blocks] if cfg.variant == "nosa" else None
+            sel = select_blocks_gpu(qs, self.ctx_rows, k=cfg.k, k_q=cfg.k_q, sink=cfg.sink, window=cfg.window,
+                                    block_size=cfg.block_size, agnostic=agn)
+        if self.trace_sel is not None:  # trace variant, or replay of realistic selections after the real scoring
+            T, Lt, Ht, Bt, K = self.trace_sel.shape
+            rows = self.trace_sel[:, layer % Lt].index_select(0, self.state.step.clamp(max=T - 1).view(1))[0]
+            sel = rows[(self.rows % self.H) % Ht, self.row_seq % Bt].long()
+        return torch.where(sel == self.tail[:, None], -1, sel)
+
+    def attend(self, layer, q, k, v, lw):
+        cfg, C = self.cfg, self.C
+        cis = self._cis(lw, v) if self.scores.cis is not None else None
+        old_tail = self.tail - 1
+        append_token(self.scores, layer, self.pos, k if self.scores.ckeys is not None else None, cis,
+                     self.tail_done, old_tail)
+        sel = self.select(layer, q)
+        plan = update_table(self.table, layer, sel, self.state.step, self.tail_done, old_tail)
+        self.loaded[:, layer].index_copy_(0, self.state.step.view(1), plan.n_miss.int()[None])
+        pool, host = self.pool[layer], self.host.layer(layer)
+        tail_slot = self.slot_base + C
+        if self.copies:
+            # Order matters: the completed tail leaves the tail slot (to the host, and to a regular slot if kept)
+            # before the new token overwrites it; misses go to slots nothing else reads this step.
+            copy_chunks(pool, host, tail_slot, torch.where(self.tail_done, self.row_base + old_tail, -1), self.chunk)
+            copy_chunks(pool, pool, tail_slot, torch.where(plan.tail_dst >= 0, self.slot_base + plan.tail_dst, -1),
+                        self.chunk)
+            copy_chunks(host, pool, torch.where(plan.miss, self.row_base[:, None] + sel, -1),
+                        self.slot_base[:, None] + plan.sel_slot, self.chunk)
+        pool[self.rows, C, 0, self.fill - 1] = k
+        pool[self.rows, C, 1, self.fill - 1] = v
+        if self.record is not None:
+            self.record.append((layer, self.pos.clone(), k.clone(), v.clone()))
+        bs = cfg.block_size
+        aplan = AttentionPlan(
+            torch.cat([plan.sel_slot, torch.full_like(self.tail, C)[:, None]], 1),
+            torch.cat([torch.where(sel >= 0, bs, 0), self.fill[:, None]], 1).int(),
+            torch.cat([sel, self.tail[:, None]], 1))
+        return sparse_decode_attention(q, pool, aplan, self.scores.cis[layer] if cfg.variant == "nosa" else None)
+
+    def flush(self) -> None:
+        """Write every partial tail to the host store (tests: the store then holds the whole history)."""
+        for layer in range(self.cfg.shape.layers):
+            copy_chunks(self.pool[layer], self.host.layer(layer), self.slot_base + self.C,
+                        self.row_base + self.tail, self.chunk)

@@ -1,0 +1,95 @@
+"""One Llama-shaped decoder (RMSNorm, RoPE, GQA, SwiGLU) for every attention variant.
+
+The decoder owns the weights and the token path; everything about where K/V live and which blocks are attended is
+the attention backend's (``backends.DenseBackend`` or ``backends.OffloadBackend``), passed in. A decode step is
+pure device work reading device state (token ids, context lengths, the step counter), so it can be captured once
+in a CUDA graph and replayed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .config import ModelShape
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: torch.Tensor  # [hidden]
+    wqkv: torch.Tensor  # [hidden, (q_heads + 2 kv_heads) * head_dim]
+    wo: torch.Tensor  # [q_heads * head_dim, hidden]
+    mlp_norm: torch.Tensor
+    w13: torch.Tensor  # [hidden, 2 * mlp]: gate and up in one GEMM
+    w2: torch.Tensor  # [mlp, hidden]
+    evict_w: torch.Tensor  # float32 [kv_heads, head_dim]: NOSA's W_delta (one score per token and KV head)
+    evict_a: torch.Tensor  # float32 [kv_heads]: NOSA's A
+
+
+@dataclass
+class Weights:
+    embed: torch.Tensor
+    layers: list[LayerWeights]
+    norm: torch.Tensor
+    lm_head: torch.Tensor
+
+    @classmethod
+    def random(cls, shape: ModelShape, dtype=torch.bfloat16, device="cpu", seed: int = 0) -> "Weights":
+        """Random weights scaled by 1/sqrt(fan-in), so activations stay O(1) through every layer."""
+        g = torch.Generator(device=device).manual_seed(seed)
+
+        def w(rows, cols):
+            return (torch.randn(rows, cols, generator=g, device=device, dtype=dtype) / rows ** 0.5)
+
+        s, d = shape, shape.head_dim
+        layers = [LayerWeights(
+            attn_norm=torch.ones(s.hidden, device=device, dtype=dtype),
+            wqkv=w(s.hidden, (s.q_heads + 2 * s.kv_heads) * d), wo=w(s.q_heads * d, s.hidden),
+            mlp_norm=torch.ones(s.hidden, device=device, dtype=dtype),
+            w13=w(s.hidden, 2 * s.mlp), w2=w(s.mlp, s.hidden),
+            evict_w=torch.randn(s.kv_heads, d, generator=g, device=device) / d ** 0.5,
+            evict_a=0.5 * torch.rand(s.kv_heads, generator=g, device=device),
+        ) for _ in range(s.layers)]
+        return cls(torch.randn(s.vocab, s.hidden, generator=g, device=device, dtype=dtype), layers,
+                   torch.ones(s.hidden, device=device, dtype=dtype), w(s.hidden, s.vocab))
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE (Llama's convention); ``x [B, heads, D]``, ``cos/sin [B, 1, D/2]``."""
+    x1, x2 = x.float().chunk(2, -1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
+
+
+class Decoder:
+    """Token path of one decode step; ``backend.attend`` does everything KV-related."""
+
+    def __init__(self, shape: ModelShape, weights: Weights, backend, tokens: torch.Tensor, theta: float = 500000.0):
+        self.shape, self.w, self.backend, self.tokens = shape, weights, backend, tokens
+        d = shape.head_dim
+        self.inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, device=tokens.device, dtype=torch.float32) / d)
+
+    def step(self) -> None:
+        s, w = self.shape, self.w
+        pos = self.backend.begin_step()  # [B] position of the new token
+        B, H, G, D = self.tokens.shape[0], s.kv_heads, s.group, s.head_dim
+        ang = pos.float()[:, None, None] * self.inv_freq
+        cos, sin = ang.cos(), ang.sin()
+        x = w.embed[self.tokens]
+        for li, lw in enumerate(w.layers):
+            qkv = rms_norm(x, lw.attn_norm) @ lw.wqkv
+            q, k, v = qkv.split([s.q_heads * D, H * D, H * D], -1)
+            q = rope(q.view(B, s.q_heads, D), cos, sin)
+            k = rope(k.view(B, H, D), cos, sin)
+            o = self.backend.attend(li, q.view(B * H, G, D), k.reshape(B * H, D), v.reshape(B * H, D), lw)
+            x = x + o.reshape(B, s.q_heads * D) @ lw.wo
+            gate, up = (rms_norm(x, lw.mlp_norm) @ lw.w13).chunk(2, -1)
+            x = x + (F.silu(gate) * up) @ lw.w2
+        logits = rms_norm(x, w.norm) @ w.lm_head
+        self.tokens.copy_(logits.argmax(-1))

@@ -1,0 +1,63 @@
+"""CUDA-event timing and run metadata shared by calibration and the benchmarks."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+
+import torch
+
+
+def time_cuda(fn, reps: int = 20, warmup: int = 3, setup=None) -> float:
+    """Median seconds of ``fn()`` over ``reps`` event-timed calls; ``setup(i)`` runs untimed before call ``i``
+    (rotating inputs, so repeated calls don't measure a warm cache)."""
+    for i in range(warmup):
+        if setup:
+            setup(i)
+        fn()
+    torch.cuda.synchronize()
+    out = []
+    for i in range(reps):
+        if setup:
+            setup(i)
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        out.append(a.elapsed_time(b) / 1e3)
+    return statistics.median(out)
+
+
+def environment() -> dict:
+    """Device, driver and library versions plus the date: stored with every result."""
+    env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+           "torch": torch.__version__, "python": platform.python_version(), "host": platform.node()}
+    for mod in ("triton", "cupy", "numpy", "transformers"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except Exception as exc:  # noqa: BLE001 - recorded, not fatal
+            env[mod] = f"unavailable: {type(exc).__name__}"
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        env.update(device=p.name, sms=p.multi_processor_count, gpu_memory_bytes=p.total_memory,
+                   cuda=torch.version.cuda)
+        try:
+            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                           capture_output=True, text=True, timeout=20).stdout.strip()
+        except Exception as exc:  # noqa: BLE001
+            env["driver"] = f"unavailable: {exc}"
+    return env
+
+
+def write_json(path: str, data: dict) -> None:
+    """Write to a temporary name in the same folder, then rename: never a half-written result."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)

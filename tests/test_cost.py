@@ -1,0 +1,80 @@
+"""Per-op costs: the roofline without tables, calibrated tables reproduced at their own shapes, shape scaling."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+
+from nosasim.cost import CostModel
+from nosasim.hardware import PROFILE_DIR, Profile, load_profile
+from nosasim.models import ReplayConfig, load_model
+
+
+def _profile(**ops):
+    d = json.loads((PROFILE_DIR / "a100-pcie4.json").read_text())
+    if ops:
+        d["ops"] = ops
+    return Profile.from_dict(d)
+
+
+def test_gemm_roofline_without_table_is_exact():
+    p = _profile()
+    c = CostModel(p, load_model("llama3-8b"), ReplayConfig(variant="nosa", k=64))
+    m, n, k = 16, 4096, 14336
+    expect = max(2 * m * n * k / p.matmul_flops, 2 * (m * k + k * n + m * n) / p.hbm_Bps) + p.launch_s
+    assert float(c.gemm(m, n, k)) == pytest.approx(expect, rel=1e-12)
+
+
+def test_calibrated_gemm_table_reproduces_its_entries():
+    p = load_profile("h100-pcie5")
+    c = CostModel(p, load_model("llama3-8b"), ReplayConfig(variant="nosa", k=64))
+    assert float(c.gemm(64, 2048, 8192)) == pytest.approx(24.832e-6, rel=1e-9)  # the reference's decode GEMM
+    assert float(c.gemm(8192, 8192, 8192)) == pytest.approx(1.41335e-3, rel=1e-9)
+    # Between the two measured points the efficiency is interpolated: bigger GEMMs never get cheaper.
+    sizes = [c.gemm(64, n, 4096) for n in (1024, 4096, 14336, 57344)]
+    assert all(a < b for a, b in zip(sizes, sizes[1:]))
+
+
+def test_attention_scales_with_context_only_when_dense():
+    p = load_profile("h100-pcie5")
+    model = load_model("llama3-8b")
+    ctx = np.array([4096.0, 8192.0, 16384.0, 32768.0]) * 8
+    dense = CostModel(p, model, ReplayConfig(variant="dense")).layer_ops(8, ctx)[1][0]
+    sparse = CostModel(p, model, ReplayConfig(variant="nosa", k=64)).layer_ops(8, ctx)[1][0]
+    assert dense.name == "dense_attention" and sparse.name == "sparse_attention"
+    # Dense attention is HBM-bound: doubling the KV read nearly doubles the time.
+    assert np.all(np.diff(dense.seconds) > 0)
+    assert dense.seconds[3] / dense.seconds[2] == pytest.approx(2.0, rel=0.02)
+    assert np.ptp(sparse.seconds) == 0.0
+
+
+def test_selection_cost_grows_with_context_and_nosa_adds_static_topk():
+    p = load_profile("h100-pcie5")
+    model = load_model("llama3-8b")
+    ctx = np.array([8192.0, 65536.0]) * 4
+    pre_inf = CostModel(p, model, ReplayConfig(variant="infllmv2", k=64)).layer_ops(4, ctx)[0]
+    pre_nosa = CostModel(p, model, ReplayConfig(variant="nosa", k=64)).layer_ops(4, ctx)[0]
+    sel_inf = {o.name: o for o in pre_inf}["selection"].seconds
+    sel_nosa = {o.name: o for o in pre_nosa}["selection"].seconds
+    assert sel_inf[1] > sel_inf[0]
+    assert np.all(sel_nosa > sel_inf)
+
+
+@pytest.mark.parametrize("layout, chunk, per_block", [("joint", 16384, 1), ("split", 8192, 2)])
+def test_transfer_chunks_follow_the_host_layout(layout, chunk, per_block):
+    p = load_profile("h100-pcie5")
+    c = CostModel(p, load_model("smollm2-135m"), ReplayConfig(variant="nosa", k=64, kv_layout=layout))
+    # head_dim 64: a block of K plus V is 16 KiB; joint moves it as one chunk, split as K and V chunks of 8 KiB.
+    assert c.chunk_bytes == chunk
+    assert float(c.gather_time(256)) == pytest.approx(float(p.h2d.time(chunk, 256 * per_block)), rel=1e-12)
+    assert float(c.gather_time(0)) == 0.0
+    assert float(c.writeback_time(3)) == pytest.approx(float(p.d2h.time(chunk, 3 * per_block)), rel=1e-12)
+
+
+def test_elementwise_table_overrides_launch_cost():
+    table = {"elementwise": [{"bytes": 1e6, "seconds": 4e-6}, {"bytes": 1e9, "seconds": 6e-4}]}
+    p = _profile(**copy.deepcopy(table))
+    c = CostModel(p, load_model("llama3-8b"), ReplayConfig(variant="dense"))
+    assert float(c.elementwise(1e6)) == pytest.approx(4e-6, rel=1e-9)
+    assert float(c.elementwise(1e9)) == pytest.approx(6e-4, rel=1e-9)

@@ -1,0 +1,56 @@
+"""GPU memory model: dense grows with context and batch, offloaded KV does not grow with context."""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nosasim.hardware import load_profile
+from nosasim.memory import check_fits, footprint, max_batch, usable_bytes
+from nosasim.models import ReplayConfig, load_model
+
+MODEL = load_model("llama3-8b")
+DENSE = ReplayConfig(variant="dense")
+NOSA = ReplayConfig(variant="nosa", k=64, capacity=96)
+
+
+def total(cfg, batch, ctx):
+    return sum(footprint(MODEL, cfg, batch, ctx).values())
+
+
+@settings(max_examples=30, deadline=None)
+@given(blocks=st.integers(1, 2000), batch=st.integers(1, 256))
+def test_dense_linear_in_context_and_batch(blocks, batch):
+    c = blocks * 64
+    per_block = total(DENSE, batch, c + 64) - total(DENSE, batch, c)
+    assert per_block == total(DENSE, batch, c + 128) - total(DENSE, batch, c + 64)
+    assert per_block == batch * MODEL.layers * MODEL.kv_heads * MODEL.block_bytes()
+    assert total(DENSE, 2 * batch, c) - total(DENSE, batch, c) == \
+        pytest.approx(total(DENSE, batch, c) - total(DENSE, 0, c), rel=1e-12)
+
+
+@settings(max_examples=30, deadline=None)
+@given(blocks=st.integers(80, 4000), extra=st.integers(1, 4000), batch=st.integers(1, 64))
+def test_offloaded_kv_does_not_grow_with_context(blocks, extra, batch):
+    short, long = footprint(MODEL, NOSA, batch, blocks * 64), footprint(MODEL, NOSA, batch, (blocks + extra) * 64)
+    assert short["kv_cache"] == long["kv_cache"] == batch * MODEL.layers * MODEL.kv_heads * 97 * MODEL.block_bytes()
+    # Only the selection index grows (compressed keys, one per 16 tokens, K only): ~1/32 of dense KV.
+    grow = sum(long.values()) - sum(short.values())
+    dense_grow = total(DENSE, batch, (blocks + extra) * 64) - total(DENSE, batch, blocks * 64)
+    assert 0 < grow < dense_grow / 30
+
+
+def test_max_batch_is_the_largest_that_fits():
+    p = load_profile("h100-pcie5")
+    for cfg in (DENSE, NOSA):
+        b = max_batch(p, MODEL, cfg, 16384)
+        assert b > 0
+        assert total(cfg, b, 16384) <= usable_bytes(p) < total(cfg, b + 1, 16384)
+    assert max_batch(p, MODEL, NOSA, 16384) > max_batch(p, MODEL, DENSE, 16384)
+
+
+def test_batch_that_does_not_fit_reports_footprint():
+    p = load_profile("h100-pcie5")
+    b = max_batch(p, MODEL, DENSE, 16384)
+    check_fits(p, MODEL, DENSE, b, 16384)
+    with pytest.raises(ValueError, match=rf"kv_cache .* largest batch that fits is {b}"):
+        check_fits(p, MODEL, DENSE, b + 1, 16384)
