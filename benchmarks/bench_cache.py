@@ -60,13 +60,13 @@ def load_trace(args):
     if os.path.exists(path):
         t0 = time.perf_counter()
         trace = read_trace(path)
-        return trace, {"source": "cached file", "seconds": time.perf_counter() - t0}
+        return trace, {"trace_source": "cached file", "trace_load_seconds": round(time.perf_counter() - t0, 2)}
     t0 = time.perf_counter()
     trace = synthesize(args.kind, args.layers, args.heads, args.seqs, args.steps, args.k, args.context,
                        seed=args.seed)
     seconds = time.perf_counter() - t0
     write_trace(path, trace)
-    return trace, {"source": "synthesized", "seconds": seconds}
+    return trace, {"trace_source": "synthesized", "trace_load_seconds": round(seconds, 2)}
 
 
 def time_compile() -> float:
@@ -124,6 +124,8 @@ def main(argv=None) -> int:
             "cpu": cpu_name(), "logical_cpus": os.cpu_count(), "platform": platform.platform(),
             "python": platform.python_version(), "numpy": np.__version__, "numba": numba.__version__,
             "threads_used": 1,
+            # The machine may be shared: a load average well above the core count means noisy timings.
+            "load_average_1_5_15_min": [round(x, 2) for x in os.getloadavg()],
         },
         "trace": {
             "kind": args.kind, "layers": args.layers, "kv_heads": args.heads, "seqs": args.seqs,

@@ -9,8 +9,8 @@ warm-up steps (CUDA events), tokens/s, blocks loaded per step, and the share of 
 Random weights make query-aware selections churn far more than a trained model's, so the offloaded variants run
 their full selection (scoring, top-k) and then *replace* its result with a synthetic trace's selection
 (``nosasim.trace.synth``: InfLLM-V2 with adjacent overlap 0.889, NOSA with k_q = 33, the paper's figures): the
-compute is real, the transfer volume realistic. Host rows are shared by ``host_seqs`` = 8 sequences (the bytes moved
-are the same; 128 distinct 32K-token sequences would need 512 GiB of host memory).
+compute is real, the transfer volume realistic. Host rows are shared: sequence ``b`` uses host row ``b % 4`` (the bytes moved
+are the same; 128 distinct 32K-token sequences would need 512 GiB of host memory; the trace has 4 sequences too).
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ from runtime.model import Weights
 from runtime.timing import environment, write_json
 
 CONTEXTS = (16384, 32768)
-BATCHES = (8, 16, 32, 64, 96, 128)
-WARMUP, TIMED, NOCOPY = 8, 64, 24
+BATCHES = (16, 0, 64, 32, 8)  # 0: each variant's largest batch
+WARMUP, TIMED, NOCOPY = 8, 64, 16
+HOST_SEQS = 4  # sequences b and b + 4 share a host row: same bytes over the link, a quarter of the host memory
 
 
 def max_batch(cfg: RuntimeConfig, free_bytes: int, weights_given: bool = True) -> int:
@@ -72,6 +73,19 @@ def run_one(cfg, weights, host, sel, copies=True, timed=TIMED):
     return t, loaded
 
 
+def plan(contexts, variants, batches, maxb) -> list[tuple[int, str, int]]:
+    """Runs in priority order, so a run cut short by the time budget still compares the variants: each batch for
+    every context and variant before the next batch; ``0`` in ``batches`` stands for each variant's largest batch."""
+    out = []
+    for b in batches:
+        for ctx in contexts:
+            for v in variants:
+                bb = maxb[f"{v}@{ctx}"] if b == 0 else b
+                if (ctx, v, bb) not in out and bb >= 1:
+                    out.append((ctx, v, bb))
+    return out
+
+
 def run(out_path=None, contexts=CONTEXTS, batches=BATCHES, variants=("dense", "infllmv2", "nosa"),
         budget_s: float = 400.0, shape_name="llama3-8b") -> dict:
     t_start = time.time()
@@ -79,48 +93,55 @@ def run(out_path=None, contexts=CONTEXTS, batches=BATCHES, variants=("dense", "i
     weights = Weights.random(shape, torch.bfloat16, "cuda", 0)
     free = torch.cuda.mem_get_info()[0]
     steps = WARMUP + 2 + TIMED + 1
-    host_cfg = RuntimeConfig(shape, "nosa", batch=8, context=max(contexts), steps=steps, k_q=33, host_seqs=8)
+    host_cfg = RuntimeConfig(shape, "nosa", batch=HOST_SEQS, context=max(contexts), steps=steps, k_q=33)
     host = HostStore.allocate(host_cfg, pin=True)
     host.fill_random(1, "cuda")
     res = {"env": environment(), "shape": shape_name, "free_gpu_bytes_after_weights": free, "runs": [],
-           "max_batch": {}, "protocol": {"warmup": WARMUP, "timed_steps": TIMED, "graph": True, "host_seqs": 8}}
+           "max_batch": {}, "traces": {},
+           "protocol": {"warmup": WARMUP, "timed_steps": TIMED, "graph": True, "host_seqs": HOST_SEQS,
+                        "no_copy_timed_steps": NOCOPY, "k": 64, "k_q_nosa": 33, "policy": "prev",
+                        "capacity": 63}}
+    bases = {}
     for ctx in contexts:
-        sels = {}
         for v in variants:
+            bases[(ctx, v)] = RuntimeConfig(shape, v, batch=1, context=ctx, steps=steps, k=64,
+                                            k_q=33 if v == "nosa" else None, host_seqs=1 if v != "dense" else None)
+            res["max_batch"][f"{v}@{ctx}"] = max_batch(bases[(ctx, v)], free)
+    sels = {}
+    for ctx, v, b in plan(contexts, variants, batches, res["max_batch"]):
+        entry = {"variant": v, "context": ctx, "batch": b, "largest": b == res["max_batch"][f"{v}@{ctx}"]}
+        if time.time() - t_start > budget_s:
+            entry["skipped"] = "time budget"
+            res["runs"].append(entry)
+            continue
+        base = bases[(ctx, v)]
+        cfg = base.with_(batch=b, host_seqs=min(b, HOST_SEQS) if v != "dense" else None)
+        entry.update(k=64, k_q=cfg.k_q, policy=cfg.policy, capacity=cfg.slots if cfg.offloaded else None,
+                     planned_gpu_bytes=sum(cfg.gpu_bytes().values()))
+        try:
+            check_fits(cfg, "cuda", True)
+            sel = None
             if v != "dense":
-                sels[v] = trace_sel(v, ctx, steps, shape)
-        for v in variants:
-            base = RuntimeConfig(shape, v, batch=1, context=ctx, steps=steps, k=64, k_q=33 if v == "nosa" else None,
-                                 host_seqs=1 if v != "dense" else None)
-            res["max_batch"][f"{v}@{ctx}"] = max_batch(base, free)
-            for b in batches:
-                if time.time() - t_start > budget_s:
-                    res["runs"].append({"variant": v, "context": ctx, "batch": b, "skipped": "time budget"})
-                    continue
-                cfg = base.with_(batch=b, host_seqs=min(b, 8) if v != "dense" else None)
-                entry = {"variant": v, "context": ctx, "batch": b, "k": 64, "k_q": cfg.k_q, "policy": cfg.policy,
-                         "capacity": cfg.slots if cfg.offloaded else None}
-                try:
-                    check_fits(cfg, "cuda", True)
-                except ValueError as exc:
-                    entry["skipped"] = str(exc)
-                    res["runs"].append(entry)
-                    continue
-                sel, info = sels.get(v, (None, None))
-                t, loaded = run_one(cfg, weights, host, sel)
-                entry.update(median_ms=t.median_ms, tokens_per_s=b / (t.median_ms / 1e3), step_ms=t.ms,
-                             trace=info)
-                if cfg.offloaded:
-                    t0, _ = run_one(cfg, weights, host, sel, copies=False, timed=NOCOPY)
-                    entry.update(loaded_blocks_per_step=loaded,
-                                 h2d_bytes_per_step=loaded * cfg.block_bytes(),
-                                 median_ms_without_copies=t0.median_ms,
-                                 transfer_share=max(0.0, 1 - t0.median_ms / t.median_ms))
-                res["runs"].append(entry)
-                if out_path:
-                    write_json(out_path, res)
-                print(f"{v:9s} ctx {ctx:6d} B {b:4d}: {t.median_ms:8.2f} ms  {entry['tokens_per_s']:8.1f} tok/s"
-                      + (f"  transfers {100 * entry['transfer_share']:.0f}%" if cfg.offloaded else ""), flush=True)
+                if (v, ctx) not in sels:
+                    sels[(v, ctx)] = trace_sel(v, ctx, steps, shape)
+                    res["traces"][f"{v}@{ctx}"] = sels[(v, ctx)][1]
+                sel = sels[(v, ctx)][0]
+            t, loaded = run_one(cfg, weights, host, sel)
+            entry.update(median_ms=t.median_ms, tokens_per_s=b / (t.median_ms / 1e3), step_ms=t.ms)
+            if cfg.offloaded:
+                t0, _ = run_one(cfg, weights, host, sel, copies=False, timed=NOCOPY)
+                entry.update(loaded_blocks_per_step=loaded, h2d_bytes_per_step=loaded * cfg.block_bytes(),
+                             median_ms_without_copies=t0.median_ms,
+                             transfer_share=max(0.0, 1 - t0.median_ms / t.median_ms))
+            print(f"{v:9s} ctx {ctx:6d} B {b:4d}: {t.median_ms:8.2f} ms  {entry['tokens_per_s']:8.1f} tok/s"
+                  + (f"  transfers {100 * entry['transfer_share']:.0f}%" if cfg.offloaded else ""), flush=True)
+        except (ValueError, torch.OutOfMemoryError) as exc:
+            entry["skipped"] = f"{type(exc).__name__}: {exc}"[:500]
+            gc.collect()
+            torch.cuda.empty_cache()
+        res["runs"].append(entry)
+        if out_path:
+            write_json(out_path, res)
     del host
     if out_path:
         write_json(out_path, res)
@@ -129,8 +150,9 @@ def run(out_path=None, contexts=CONTEXTS, batches=BATCHES, variants=("dense", "i
 
 def table(res: dict) -> str:
     lines = ["variant   ctx     B   ms/step   tok/s  xfer%  blocks/step"]
-    for r in res["runs"]:
+    for r in sorted(res["runs"], key=lambda r: (r["context"], r["variant"], r["batch"])):
         if "median_ms" not in r:
+            lines.append(f"{r['variant']:9s} {r['context']:6d} {r['batch']:4d}  skipped: {r.get('skipped', '')[:60]}")
             continue
         lines.append(f"{r['variant']:9s} {r['context']:6d} {r['batch']:4d} {r['median_ms']:8.2f} {r['tokens_per_s']:8.1f}"
                      f" {100 * r.get('transfer_share', 0):5.1f} {r.get('loaded_blocks_per_step') or 0:10.0f}")

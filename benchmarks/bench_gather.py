@@ -32,7 +32,9 @@ def memcpy_peaks(dev="cuda") -> dict:
 
 
 def sweep(host_bytes: int = 4 << 30, dev="cuda", variants=VARIANTS, chunks=CHUNKS, counts=COUNTS,
-          reps: int = 15) -> list[dict]:
+          reps: int = 15, sequential: bool = False, directions=("h2d", "d2h")) -> list[dict]:
+    """Each copy is captured in a CUDA graph and replayed, as in a decode step: Triton's host-side launch cost
+    (tens of microseconds) is then not counted, and the index buffer is refilled before each timed replay."""
     host = torch.empty(host_bytes // 4, dtype=torch.int32, pin_memory=True)
     host.view(torch.uint8)[:: 4096].fill_(7)  # touch every page once
     rows = []
@@ -41,23 +43,30 @@ def sweep(host_bytes: int = 4 << 30, dev="cuda", variants=VARIANTS, chunks=CHUNK
         n_host = host_bytes // cb
         dev_buf = torch.empty(max(counts) * cb // 4, dtype=torch.int32, device=dev)
         for n in counts:
-            sets = [torch.randperm(n_host, generator=g, device=dev)[:n] for _ in range(4)]
+            if sequential:  # contiguous runs: what host-side address translation costs when it is all local
+                sets = [torch.arange(i * n, (i + 1) * n, device=dev) % n_host for i in range(4)]
+            else:
+                sets = [torch.randperm(n_host, generator=g, device=dev)[:n] for _ in range(4)]
             dst = torch.arange(n, device=dev)
-            cur = {}
+            ids = sets[0].clone()
             for split, warps in variants:
                 if cb // 4 // split < 256:
                     continue
-                for direction in ("h2d", "d2h"):
-                    def setup(i):
-                        cur["ids"] = sets[i % len(sets)]
-
+                for direction in directions:
                     if direction == "h2d":
-                        fn = lambda: copy_chunks(host, dev_buf, cur["ids"], dst, cb, split=split, num_warps=warps)  # noqa: E731
+                        fn = lambda: copy_chunks(host, dev_buf, ids, dst, cb, split=split, num_warps=warps)  # noqa: E731
                     else:
-                        fn = lambda: copy_chunks(dev_buf, host, dst, cur["ids"], cb, split=split, num_warps=warps)  # noqa: E731
-                    t = time_cuda(fn, reps=reps, warmup=2, setup=setup)
+                        fn = lambda: copy_chunks(dev_buf, host, dst, ids, cb, split=split, num_warps=warps)  # noqa: E731
+                    fn()
+                    torch.cuda.synchronize()
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        fn()
+                    t = time_cuda(graph.replay, reps=reps, warmup=2,
+                                  setup=lambda i: ids.copy_(sets[i % len(sets)]))
                     rows.append({"direction": direction, "chunk_bytes": cb, "count": n, "split": split,
-                                 "num_warps": warps, "seconds": t, "Bps": n * cb / t})
+                                 "num_warps": warps, "seconds": t, "Bps": n * cb / t, "sequential": sequential,
+                                 "timing": "cuda graph replay"})
         del dev_buf
     return rows
 
@@ -76,10 +85,18 @@ def summarize(rows: list[dict], peaks: dict) -> list[dict]:
     return out
 
 
-def run(out_path: str | None = None) -> dict:
+def run(out_path: str | None = None, experiments: bool = True) -> dict:
+    """The sweep over random chunks of pinned memory, plus contiguous chunk runs (H2D): if those were faster, host
+    address translation would be the gap to memcpy. (An earlier run, analysis/results/runtime_run2_*, found them no
+    faster, and huge pages no faster either.)"""
     peaks = memcpy_peaks()
     rows = sweep()
     res = {"env": environment(), "peaks": peaks, "best": summarize(rows, peaks), "all": rows}
+    if experiments:
+        exp = {}
+        seq = sweep(sequential=True, variants=((1, 4), (1, 8)), directions=("h2d",))
+        exp["sequential_best"] = summarize(seq, peaks)
+        res["experiments"] = exp
     if out_path:
         write_json(out_path, res)
     return res
@@ -92,6 +109,11 @@ def table(res: dict) -> str:
     for r in res["best"]:
         lines.append(f"{r['direction']}  {r['chunk_bytes'] // 1024:3d}K  {r['count']:6d}  {r['Bps'] / 1e9:5.1f}  "
                      f"{r['pct_of_memcpy_peak']:5.1f}  {r['split']:4d}  {r['num_warps']:4d}")
+    exp = res.get("experiments", {})
+    for name in ("sequential_best",):
+        if name in exp:
+            lines.append(name + " h2d %peak by (chunk K, count): " + ", ".join(
+                f"{r['chunk_bytes'] // 1024}K/{r['count']}={r['pct_of_memcpy_peak']:.0f}" for r in exp[name]))
     return "\n".join(lines)
 
 

@@ -128,7 +128,8 @@ def infllmv2_block_scores(query: np.ndarray, keys: np.ndarray, *, scale: float |
 
 
 def block_scores_from_compressed(query: np.ndarray, ckeys: np.ndarray, n_tokens: int, *, scale: float | None = None,
-                                 window: int = WINDOW, stride: int = STRIDE, block_size: int = BLOCK_SIZE) -> np.ndarray:
+                                 window: int = WINDOW, stride: int = STRIDE,
+                                 block_size: int = BLOCK_SIZE) -> np.ndarray:
     """:func:`infllmv2_block_scores` from already compressed keys ``[..., kv_heads, n_windows, head_dim]``.
 
     Compressed keys only grow (one window every ``stride`` tokens), so a decoder keeps them and

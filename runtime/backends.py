@@ -102,7 +102,7 @@ class OffloadBackend(_Base):
             self.table.static = self.scores.static  # 'static' keeps blocks by NOSA's own frozen score
         # (variant 'trace' with 'static': the caller fills table.static from the trace's agnostic scores)
         self.trace_sel = trace_sel
-        self.row_base = host.row_base(device)
+        self.row_base = host.row_base(device, cfg.batch)
         self.slot_base = self.rows * (C + 1)
         self.loaded = torch.zeros((cfg.steps, s.layers, self.R), dtype=torch.int32, device=device)
         self.chunk = cfg.block_bytes()
@@ -120,7 +120,7 @@ class OffloadBackend(_Base):
                         self.chunk)
             sc = self.scores
             if exact:
-                rows_kv = self.host.layer(layer).flatten(0, 1)[self.row_base // cfg.n_blocks].to(self.device)
+                rows_kv = self.host.layer(layer).flatten(0, 1)[self.row_base // self.host.kv.shape[3]].to(self.device)
                 keys = rows_kv[:, :, 0].flatten(1, 2)[:, :P]
                 vals = rows_kv[:, :, 1].flatten(1, 2)[:, :P]
                 cis = self._cis(weights.layers[layer], vals) if sc.cis is not None else None

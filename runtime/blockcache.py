@@ -61,7 +61,8 @@ class UpdatePlan:
 
 def _float_key(x: torch.Tensor) -> torch.Tensor:
     """Order-preserving int64 image of float32 values (NaN reads as -inf, as in nosasim.cache)."""
-    x = torch.nan_to_num(x.float(), nan=float("-inf"), posinf=float("inf"))
+    x = x.float() + 0.0  # -0.0 + 0.0 == +0.0: the two zeros compare equal in numpy, so they must tie here
+    x = torch.where(torch.isnan(x), float("-inf"), x)
     i = x.view(torch.int32).to(torch.int64)
     # Negative floats order backwards in their bit pattern: flip all but the sign bit.
     return torch.where(i < 0, i ^ 0x7FFFFFFF, i)

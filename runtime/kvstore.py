@@ -40,8 +40,7 @@ class HostStore:
                              f"memory is available (lower batch, context or host_seqs)")
         s = cfg.shape
         shape = (s.layers, cfg.n_host_seqs, s.kv_heads, cfg.n_blocks, 2, cfg.block_size, s.head_dim)
-        kv = torch.empty(shape, dtype=getattr(torch, cfg.dtype), pin_memory=pin)
-        return cls(kv, cfg.batch)
+        return cls(torch.empty(shape, dtype=getattr(torch, cfg.dtype), pin_memory=pin), cfg.batch)
 
     @property
     def chunk_bytes(self) -> int:
@@ -50,10 +49,11 @@ class HostStore:
     def layer(self, layer: int) -> torch.Tensor:
         return self.kv[layer]
 
-    def row_base(self, device) -> torch.Tensor:
-        """Chunk index of block 0 of each runtime row (``row = seq * kv_heads + head``) inside one layer."""
+    def row_base(self, device, batch: int | None = None) -> torch.Tensor:
+        """Chunk index of block 0 of each runtime row (``row = seq * kv_heads + head``) inside one layer; sequence
+        ``b`` uses host row ``b % host_seqs``."""
         _, bh, h, nb = self.kv.shape[:4]
-        seq = torch.arange(self.batch, device=device) % bh
+        seq = torch.arange(self.batch if batch is None else batch, device=device) % bh
         return ((seq[:, None] * h + torch.arange(h, device=device)[None, :]) * nb).reshape(-1)
 
     def fill_random(self, seed: int, device) -> None:
@@ -68,3 +68,4 @@ class HostStore:
                 buf = torch.empty(n, dtype=flat.dtype, device=device)
             buf[:n].normal_(generator=g)
             flat[start:start + n].copy_(buf[:n], non_blocking=False)
+

@@ -33,6 +33,23 @@ def time_cuda(fn, reps: int = 20, warmup: int = 3, setup=None) -> float:
     return statistics.median(out)
 
 
+def time_graph(fn, inner: int = 10, reps: int = 10) -> float:
+    """Median seconds per ``fn()`` with ``inner`` calls captured in one CUDA graph and replayed: the GPU-side cost
+    without the host's launch gaps, which is what a decode step replayed from a graph pays."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(inner):
+            fn()
+    return time_cuda(g.replay, reps=reps, warmup=2) / inner
+
+
 def environment() -> dict:
     """Device, driver and library versions plus the date: stored with every result."""
     env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

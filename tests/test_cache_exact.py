@@ -165,9 +165,24 @@ def test_future_block_is_an_error_naming_step_and_row():
         simulate_arrays(sel, [8, 9], "lru", 2, block_size=BS)
 
 
+def test_engine_refuses_more_chunks_after_an_error():
+    from nosasim.cache import CacheEngine
+
+    engine = CacheEngine("lru", 2, rows=1, block_size=BS, first_step=100)
+    with pytest.raises(ValueError, match="block id 7 at step 100, row 0"):
+        engine.feed(make_sel([[7]]), [9])
+    with pytest.raises(ValueError, match="stopped at an error"):
+        engine.feed(make_sel([[0]]), [10])
+
+
 def test_duplicate_id_is_an_error():
     with pytest.raises(ValueError, match="block id 1 appears twice in the selection of step 0, row 0"):
         simulate_arrays(make_sel([[1, 1]]), [9], "lru", 2, block_size=BS)
+
+
+def test_negative_id_other_than_padding_is_an_error():
+    with pytest.raises(ValueError, match="id -3 at step 0, row 0; ids must be >= 0, or -1 for padding"):
+        simulate_arrays(np.array([[[0, -3]]], np.int16), [9], "lru", 2, block_size=BS)
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -289,6 +304,19 @@ def test_capacity_defaults_to_k_and_json_summary():
     assert (summary["hits"], summary["misses"], summary["writebacks"]) == (14, 12, 4)
     assert summary["per_layer"]["misses"] == [6, 6]
     assert summary["h2d_bytes"] == 12 * 2 * BS * 64 * 2
+
+
+def test_trace_without_accesses_has_no_hit_rate():
+    from nosasim.cache import simulate_cache
+
+    sel = np.full((3, 1, 1, 1, 2), -1, np.int16)
+    trace = trace_mod.Trace.from_arrays(sel, np.arange(9, 12)[:, None], block_size=BS, k=2,
+                                        model=trace_mod.ModelShape(layers=1, kv_heads=1, head_dim=64))
+    res = simulate_cache(trace, "lru", 2)
+    assert res.accesses == 0 and np.isnan(res.hit_rate)
+    summary = res.to_json()
+    assert summary["hit_rate"] is None and summary["per_layer"]["hit_rate"] == [None]
+    assert summary["writebacks"] == 1  # block 4 completes at step 2 (ctx 11) even though nothing is selected
 
 
 def test_cli_cache_json_and_table(tmp_path, capsys):

@@ -3,9 +3,11 @@
 It is registered as a transformers attention function (``AttentionInterface``), so the model's
 own code runs unchanged and calls it where it would call SDPA. The tap returns SDPA's output
 untouched (the model decodes exactly as it would) and, beside it, recomputes dense attention
-(float32 matmul, explicit softmax) from the same tensors: that recomputation gives the true attention mass per block and is
-checked against SDPA's output at every decode step (``max_abs_err``), which proves that what the
-tap scores is what the model attends with.
+(float32 matmul, explicit softmax) from the same tensors: that recomputation gives the true
+attention mass per block and is checked against SDPA's output at every decode step
+(``max_abs_err``), which proves that what the tap scores is what the model attends with.
+
+The tap registers itself under one global name, so one tap is live per process at a time.
 
 Per decode step, layer and KV head it stores the InfLLM-V2 block scores, the true attention mass
 per block, and the frozen static scores of every query-agnostic proxy. Batch size must be 1.

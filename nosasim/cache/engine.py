@@ -56,12 +56,16 @@ class CacheEngine:
     """Per-row block-cache state and the policy, advanced one chunk of steps at a time.
 
     ``rows``: number of independent rows; ``static_score``: float [rows, n_blocks] (``static`` only);
-    ``row_label``: turns a row index into words for error messages (e.g. "layer 3, KV head 1, seq 0").
+    ``n_blocks``: blocks per row to size the state for (it grows when a chunk needs more); ``row_label``: turns
+    a row index into words for error messages (e.g. "layer 3, KV head 1, seq 0"); ``first_step``: the step
+    number errors name for the first step fed (a trace's ``step0``).
     ``belady`` reads the future of each row, so it accepts exactly one chunk: the whole trace.
+    After a ValueError from :meth:`feed` the state is half-updated, so the engine refuses further chunks.
     """
 
     def __init__(self, policy: str, capacity: int, rows: int, block_size: int = 64, static_score=None,
-                 record: bool = False, n_blocks: int = 1, row_label: Callable[[int], str] = _row_label):
+                 record: bool = False, n_blocks: int = 1, row_label: Callable[[int], str] = _row_label,
+                 first_step: int = 0):
         self.policy_name = policy
         self.policy = policy_code(policy)
         if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)) or capacity < 0:
@@ -71,7 +75,8 @@ class CacheEngine:
         if not isinstance(rows, (int, np.integer)) or rows < 1:
             raise ValueError(f"rows must be an integer >= 1, got {rows!r}")
         self.capacity, self.block_size, self.rows = int(capacity), int(block_size), int(rows)
-        self.record, self.row_label = bool(record), row_label
+        self.record, self.row_label, self.first_step = bool(record), row_label, int(first_step)
+        self.failed = False
         if self.policy == STATIC:
             if static_score is None:
                 raise ValueError(
@@ -131,7 +136,7 @@ class CacheEngine:
         bad = np.argwhere(np.diff(joined, axis=0) != 1)
         if len(bad):
             t, c = bad[0]
-            t0 = self.steps_done - (0 if self._last_ctx is None else 1)
+            t0 = self.first_step + self.steps_done - (0 if self._last_ctx is None else 1)
             raise ValueError(
                 f"field 'context_len' must increase by exactly one per step; column {c} goes from "
                 f"{joined[t, c]} at step {t0 + t} to {joined[t + 1, c]} at step {t0 + t + 1}"
@@ -141,6 +146,8 @@ class CacheEngine:
     def feed(self, sel, context_len) -> StepCounters:
         """Advance every row through the next chunk of steps: ``sel`` int [steps, rows, width] of complete
         block ids (-1 padding; an id equal to the tail is ignored), ``context_len`` [steps] or [steps, n]."""
+        if self.failed:
+            raise ValueError("this CacheEngine stopped at an error in an earlier chunk; start a new one")
         sel = np.asarray(sel)
         if not np.issubdtype(sel.dtype, np.integer):
             raise ValueError(f"field 'sel' must be an integer array, got dtype {sel.dtype}")
@@ -173,6 +180,7 @@ class CacheEngine:
         kernel.run_chunk(sel, ctx, self.block_size, self.policy, self.capacity, static, self.steps_done,
                          self.state, out, rec, err, TILE_ROWS)
         if err[0] != kernel.ERR_NONE:
+            self.failed = True
             self._raise(err, sel, ctx)
         self.steps_done += T
         if T:
@@ -181,12 +189,14 @@ class CacheEngine:
 
     def _raise(self, err: np.ndarray, sel: np.ndarray, ctx: np.ndarray):
         code, t, r, value, extra = (int(x) for x in err)
-        where = f"step {self.steps_done + t}, {self.row_label(r)}"
+        where = f"step {self.first_step + self.steps_done + t}, {self.row_label(r)}"
         if code == kernel.ERR_FUTURE:
             raise ValueError(
                 f"field 'sel': block id {value} at {where} is beyond the last complete block ({extra - 1}) "
                 f"at context_len {ctx[t, r % ctx.shape[1]]}: a selection cannot name a future block"
             )
+        if code == kernel.ERR_NEGATIVE:
+            raise ValueError(f"field 'sel': id {value} at {where}; ids must be >= 0, or -1 for padding")
         if code == kernel.ERR_DUPLICATE:
             raise ValueError(f"field 'sel': block id {value} appears twice in the selection of {where}")
         if code == kernel.ERR_CAPACITY:

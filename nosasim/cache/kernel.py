@@ -3,7 +3,8 @@
 Per row (layer, KV head, sequence) the state is a handful of fixed arrays over the row's blocks:
 
 - ``pos[r, b]``: slot index of block ``b`` in ``slots[r]`` if it is resident, else -1 (O(1) hit test);
-- ``slots[r, :nres[r]]``: the resident complete blocks, unordered (eviction scans only these, not all blocks);
+- ``slots[r, :nres[r]]``: the resident complete blocks; during a step the selected ones are moved to the front,
+  so the candidates for eviction are a contiguous range, found without a scan;
 - ``last[r, b]``: lru key (last step attended, -1 never); it doubles as the "selected at step t" mark, since
   every block selected at step ``t`` gets ``last == t`` and nothing else can have it;
 - ``count[r, b]``: times selected (maintained for lfu only, the one policy that reads it);
@@ -21,7 +22,7 @@ from numba import njit
 
 from .policies import BELADY, LFU, NEVER, PREV, STATIC, keep_key_nb
 
-ERR_NONE, ERR_FUTURE, ERR_DUPLICATE, ERR_CAPACITY, ERR_BUG = 0, 1, 2, 3, 4
+ERR_NONE, ERR_FUTURE, ERR_DUPLICATE, ERR_CAPACITY, ERR_BUG, ERR_NEGATIVE = 0, 1, 2, 3, 4, 5
 # err layout: [code, local step, row, block id or selection size, tail or capacity]
 ERR_FIELDS = 5
 
@@ -37,66 +38,60 @@ def _evicted_before(pa, sa, ia, pb, sb, ib):
 
 
 @njit(cache=True)
-def _evict(r, rr, t, gt, n, capacity, policy, state, nxt, static, scratch, rec_ev):
-    """Evict the surplus of row ``r`` at step ``gt``; returns the new number of resident blocks.
+def _evict(r, rr, t, ns, n, capacity, policy, state, nxt, static, scratch, rec_ev):
+    """Evict the surplus of row ``r``; returns the new number of resident blocks.
 
-    ``state`` is run_chunk's per-row state tuple; ``scratch`` = (candidate ids, primary keys, secondary keys),
-    buffers of n_blocks entries reused for every row and step.
-
-    Only unselected candidates (``last != gt``) can go. Partial selection instead of a sort: the surplus is
-    usually a few blocks, so finding the few smallest (or, when most go, the few largest to keep) by repeated
+    On entry ``slots[r, :ns]`` are the blocks selected at this step and ``slots[r, ns:n]`` the other candidates
+    (the selection loop keeps it so), so the candidates that may go are found without scanning or testing.
+    ``state`` is run_chunk's per-row state tuple; ``scratch`` = (primary keys, secondary keys), buffers of
+    n_blocks entries reused for every row and step. Partial selection instead of a sort: the surplus is usually
+    a few blocks, so moving the few first-to-go (or, when most go, the few worth keeping) into place by repeated
     scans is cheaper than sorting, and needs no allocation.
     """
     pos, slots, _, last, count, _ = state
-    cand, kp, ks = scratch
-    m = 0
-    for i in range(n):
-        b = slots[r, i]
-        if last[r, b] != gt:
-            cand[m] = b
-            if policy != PREV:
-                nu = nxt[rr, b] if policy == BELADY else 0
-                sc = static[r, b] if policy == STATIC else 0.0
-                kp[m], ks[m] = keep_key_nb(policy, last[r, b], count[r, b], nu, sc)
-            m += 1
+    kp, ks = scratch
+    m = n - ns
     excess = m if policy == PREV else n - capacity
     if excess > m:
         return -1  # more selected blocks than slots: the caller checked this, so reaching here is a bug
     keep = m - excess
-    lo, hi = 0, m
-    if keep > 0 and excess <= keep:
-        for i in range(excess):  # move the i-th first-to-go candidate to position i
-            best = i
-            for q in range(i + 1, m):
-                if _evicted_before(kp[q], ks[q], cand[q], kp[best], ks[best], cand[best]):
-                    best = q
-            cand[i], cand[best] = cand[best], cand[i]
-            kp[i], kp[best] = kp[best], kp[i]
-            ks[i], ks[best] = ks[best], ks[i]
-        hi = excess
-    elif keep > 0:
-        for i in range(keep):  # move the i-th most worth keeping to position i
-            best = i
-            for q in range(i + 1, m):
-                if _evicted_before(kp[best], ks[best], cand[best], kp[q], ks[q], cand[q]):
-                    best = q
-            cand[i], cand[best] = cand[best], cand[i]
-            kp[i], kp[best] = kp[best], kp[i]
-            ks[i], ks[best] = ks[best], ks[i]
-        lo = keep
+    if 0 < keep:
+        for i in range(m):
+            b = slots[r, ns + i]
+            nu = nxt[rr, b] if policy == BELADY else 0
+            sc = static[r, b] if policy == STATIC else 0.0
+            kp[i], ks[i] = keep_key_nb(policy, last[r, b], count[r, b], nu, sc)
+        # After this, slots[r, ns:ns + keep] hold the kept candidates and slots[r, ns + keep:n] the evicted.
+        if excess <= keep:
+            for i in range(m - 1, keep - 1, -1):  # the first to go, into the last position, and so on
+                best = i
+                for q in range(i):
+                    if _evicted_before(kp[q], ks[q], slots[r, ns + q], kp[best], ks[best], slots[r, ns + best]):
+                        best = q
+                _swap(slots, kp, ks, r, ns, i, best)
+        else:
+            for i in range(keep):  # the most worth keeping, into the first position, and so on
+                best = i
+                for q in range(i + 1, m):
+                    if _evicted_before(kp[best], ks[best], slots[r, ns + best], kp[q], ks[q], slots[r, ns + q]):
+                        best = q
+                _swap(slots, kp, ks, r, ns, i, best)
+        for i in range(ns, ns + keep):
+            pos[r, slots[r, i]] = i
     record = rec_ev.shape[0] > 0
-    for i in range(lo, hi):
-        pos[r, cand[i]] = -1
+    for i in range(ns + keep, n):
+        pos[r, slots[r, i]] = -1
         if record:
-            rec_ev[t, r, cand[i]] = True
-    w = 0
-    for i in range(n):
-        b = slots[r, i]
-        if pos[r, b] >= 0:
-            slots[r, w] = b
-            pos[r, b] = w
-            w += 1
-    return w
+            rec_ev[t, r, slots[r, i]] = True
+    return ns + keep
+
+
+@njit(cache=True, inline="always")
+def _swap(slots, kp, ks, r, ns, i, j):
+    """Exchange candidates i and j (offsets from ns) with their keys; positions are fixed up by the caller."""
+    slots[r, ns + i], slots[r, ns + j] = slots[r, ns + j], slots[r, ns + i]
+    kp[i], kp[j] = kp[j], kp[i]
+    ks[i], ks[j] = ks[j], ks[i]
 
 
 @njit(cache=True)
@@ -140,7 +135,7 @@ def run_chunk(sel, ctx, block_size, policy, capacity, static, step0, state, out,
     nxt_entry = np.empty((T if belady else 0, tile, K), np.int32)
     first_use = np.empty((tile if belady else 0, NB), np.int32)
     nxt = np.empty((tile if belady else 1, NB), np.int32)
-    scratch = (np.empty(NB, np.int32), np.empty(NB, np.float64), np.empty(NB, np.float64))
+    scratch = (np.empty(NB, np.float64), np.empty(NB, np.float64))
     for r0 in range(0, R, tile):
         r1 = min(R, r0 + tile)
         if belady:
@@ -170,7 +165,10 @@ def run_chunk(sel, ctx, block_size, policy, capacity, static, step0, state, out,
                 for j in range(K):
                     b = sel[t, r, j]
                     if b < 0:
-                        continue
+                        if b != -1:
+                            err[0], err[1], err[2], err[3], err[4] = ERR_NEGATIVE, t, r, b, tail
+                            return
+                        continue  # padding
                     if b >= tail:
                         if b == tail:
                             continue  # the tail is always resident: never an access
@@ -182,14 +180,22 @@ def run_chunk(sel, ctx, block_size, policy, capacity, static, step0, state, out,
                     last[r, b] = gt
                     if lfu:  # only lfu reads the count; skipping the store elsewhere keeps the loop lean
                         count[r, b] += 1
-                    ns += 1
-                    if pos[r, b] >= 0:
+                    p = pos[r, b]
+                    if p >= 0:
                         h += 1
                     else:
                         m += 1
-                        pos[r, b] = n
+                        p = n
                         slots[r, n] = b
                         n += 1
+                    # Keep the selected blocks at the front of the slot list: slots[r, :ns] are selected.
+                    if p != ns:
+                        other = slots[r, ns]
+                        slots[r, p] = other
+                        pos[r, other] = p
+                        slots[r, ns] = b
+                    pos[r, b] = ns
+                    ns += 1
                     if belady:
                         nxt[rr, b] = nxt_entry[t, rr, j]
                 if ns > capacity:
@@ -197,7 +203,7 @@ def run_chunk(sel, ctx, block_size, policy, capacity, static, step0, state, out,
                     return
                 n_new = n
                 if (policy == PREV and n > ns) or (policy != PREV and n > capacity):
-                    n_new = _evict(r, rr, t, gt, n, capacity, policy, state, nxt, static, scratch, rec_ev)
+                    n_new = _evict(r, rr, t, ns, n, capacity, policy, state, nxt, static, scratch, rec_ev)
                     if n_new < 0:
                         err[0], err[1], err[2], err[3], err[4] = ERR_BUG, t, r, ns, capacity
                         return

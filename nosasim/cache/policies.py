@@ -82,6 +82,47 @@ def keep_key_nb(policy, last_used, times_selected, next_use, static_score):
     return 0.0, 0.0
 
 
+def _need(policy: str, arr, name: str) -> np.ndarray:
+    if arr is None:
+        raise ValueError(f"keep_key: policy {policy!r} needs '{name}', got None")
+    return np.asarray(arr, dtype=np.float64)
+
+
+def prev_key(last_used=None, times_selected=None, next_use=None, static_score=None):
+    """prev (NOSI): no ranking at all; every unselected candidate is evicted, so all keys are equal."""
+    given = [a for a in (last_used, times_selected, next_use, static_score) if a is not None]
+    if not given:
+        raise ValueError("keep_key: pass at least one statistic so the number of candidates is known")
+    zeros = np.zeros(len(given[0]))
+    return zeros, zeros.copy()
+
+
+def lru_key(last_used=None, **_):
+    """lru: the more recently a block was attended (selected, or as the tail), the longer it stays."""
+    last = _need("lru", last_used, "last_used")
+    return last, np.zeros_like(last)
+
+
+def lfu_key(times_selected=None, last_used=None, **_):
+    """lfu: blocks selected more often stay; equal counts fall back to recency (lru's key)."""
+    return _need("lfu", times_selected, "times_selected"), _need("lfu", last_used, "last_used")
+
+
+def static_key(static_score=None, **_):
+    """static: NOSA's query-agnostic eviction score ranks blocks once and for all; no score (NaN) goes first."""
+    score = _need("static", static_score, "static_score")
+    return np.where(np.isnan(score), -np.inf, score), np.zeros_like(score)
+
+
+def belady_key(next_use=None, **_):
+    """belady: the block needed again soonest stays; one never selected again (inf) goes first."""
+    nxt = _need("belady", next_use, "next_use")
+    return np.where(nxt >= float(NEVER), -np.inf, -nxt), np.zeros_like(nxt)
+
+
+_KEYS = {"prev": prev_key, "lru": lru_key, "lfu": lfu_key, "static": static_key, "belady": belady_key}
+
+
 def keep_key(
     policy: str,
     last_used=None,
@@ -94,29 +135,9 @@ def keep_key(
     Pass the statistics of the candidate blocks (aligned 1-D arrays); only those the policy reads are needed.
     ``next_use`` may hold ``np.inf`` for "never selected again".
     """
-    code = policy_code(policy)
-
-    def need(arr, name):
-        if arr is None:
-            raise ValueError(f"keep_key: policy {policy!r} needs '{name}', got None")
-        return np.asarray(arr, dtype=np.float64)
-
-    if code == PREV:
-        given = [a for a in (last_used, times_selected, next_use, static_score) if a is not None]
-        if not given:
-            raise ValueError("keep_key: pass at least one statistic so the number of candidates is known")
-        n = len(given[0])
-        return np.zeros(n), np.zeros(n)
-    if code == LRU:
-        last = need(last_used, "last_used")
-        return last, np.zeros_like(last)
-    if code == LFU:
-        return need(times_selected, "times_selected"), need(last_used, "last_used")
-    if code == STATIC:
-        score = need(static_score, "static_score")
-        return np.where(np.isnan(score), -np.inf, score), np.zeros_like(score)
-    nxt = need(next_use, "next_use")
-    return np.where(nxt >= float(NEVER), -np.inf, -nxt), np.zeros_like(nxt)
+    policy_code(policy)
+    return _KEYS[policy](last_used=last_used, times_selected=times_selected, next_use=next_use,
+                         static_score=static_score)
 
 
 def eviction_order(policy: str, block_ids, **stats) -> np.ndarray:

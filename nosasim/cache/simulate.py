@@ -72,7 +72,8 @@ def simulate_cache(source, policy: str = "lru", capacity: int | None = None, pro
     static = None if scores is None else np.asarray(scores).reshape(R, -1)
     cap = h.k if capacity is None else capacity
     engine = CacheEngine(policy, cap, R, h.block_size, static if policy == "static" else None, record,
-                         n_blocks=h.n_blocks, row_label=_row_labeller(L, H, B))
+                         n_blocks=h.n_blocks, row_label=_row_labeller(L, H, B),
+                         first_step=owner.step0 if isinstance(owner, Trace) else 0)
     counters = [np.zeros((T, R), np.int32) for _ in range(4)]
     recs = [np.zeros((T, R, engine.n_blocks), np.bool_) for _ in range(2)] if record else None
     if progress:

@@ -56,7 +56,8 @@ def run(args) -> int:
     out = reselect(trace, args.k, k_q, sink=args.sink, window=args.window, agnostic=agn,
                    provenance={"agnostic_score": args.agnostic_score, "from": os.path.basename(args.trace)})
     size = write_trace(args.out, out)
-    line = f"wrote {args.out}: {out.header.selection.method} k={args.k} k_q={k_q or args.k}, {out.steps} steps, {size} bytes"
+    line = (f"wrote {args.out}: {out.header.selection.method} k={args.k} k_q={k_q or args.k}, "
+            f"{out.steps} steps, {size} bytes")
     if out.attn_mass is not None:
         s = recall_summary(out)
         line += f"; attention-mass recall mean {s.mean:.4f}, p10 {s.p10:.4f}"
@@ -66,7 +67,8 @@ def run(args) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("reselect", help="re-select blocks from a score trace at another budget",
-                       description=__doc__.split("\n\n")[0])
+                       description="A new selection trace from a score trace at any budget, without running the "
+                                   "model again; prints the attention-mass recall when the trace has it.")
     p.add_argument("trace", help="score trace (.nosatrace with qaware_score)")
     p.add_argument("--k", type=int, required=True, help="blocks selected per step, the partial tail included")
     p.add_argument("--kq", type=int, default=None,

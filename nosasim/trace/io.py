@@ -63,6 +63,10 @@ def write_trace(path: str | os.PathLike, trace: Trace, chunk_steps: int | None =
                     arr = getattr(trace, name)
                     if arr is not None:
                         _write_npy(zf, member(name, c), arr[lo:hi].astype(np.float16))
+        # mkstemp creates 0600 files; a trace is data to share, so give it the usual umask-based mode.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

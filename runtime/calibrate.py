@@ -1,0 +1,244 @@
+"""Calibration: isolated operator microbenchmarks -> a nosasim hardware profile (docs/profile-format.md).
+
+Each operator is timed alone (CUDA events, median), never inside a decode step: end-to-end steps are what the
+simulator predicts from this profile, so fitting them would make the comparison circular.
+
+Transfers: the runtime moves one 64-token block of K *and* V as one chunk (``2 * 64 * head_dim`` elements), while
+the simulator counts K and V as two chunks of half that size. The ``gather_h2d`` / ``writeback_d2h`` tables are
+written in the simulator's terms: a measurement of ``n`` runtime chunks of ``c`` bytes becomes the entry
+``{chunk_bytes: c / 2, count: 2 n}``, so the simulator's query for a step's misses reads the runtime's real cost.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .attention import AttentionPlan, sparse_decode_attention
+from .selection import ScoreState, qaware_block_scores, select_blocks_gpu
+from .timing import environment, time_cuda, time_graph
+
+LLAMA3_8B_GEMMS = {"qkv_proj": (6144, 4096), "o_proj": (4096, 4096), "gate_up_proj": (28672, 4096),
+                   "down_proj": (4096, 14336), "lm_head": (128256, 4096)}
+
+
+def gemms(ms=(1, 8, 16, 32, 64, 96, 128, 256), shapes=LLAMA3_8B_GEMMS) -> list[dict]:
+    out = []
+    for name, (n, k) in shapes.items():
+        w = torch.randn(k, n, device="cuda", dtype=torch.bfloat16)
+        for m in ms:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            out.append({"m": m, "n": n, "k": k, "seconds": time_graph(lambda: x @ w), "op": name})
+        del w
+    return out
+
+
+def ceilings() -> dict:
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    flops = 2 * 8192 ** 3 / time_cuda(lambda: a @ b, reps=10)
+    n = 1 << 30
+    x = torch.empty(n, dtype=torch.uint8, device="cuda").fill_(3)
+    y = torch.empty_like(x)
+    hbm = 2 * n / time_cuda(lambda: y.copy_(x), reps=10)
+    # Launch overhead: many tiny kernels back to back; GPU-side time per kernel.
+    t = torch.zeros(1, device="cuda")
+
+    def many():
+        for _ in range(200):
+            t.add_(1)
+
+    launch_eager = time_cuda(many, reps=10) / 200
+    launch = time_graph(many, inner=1) / 200
+    # Non-tensor FP32 throughput: a long dependent FMA chain per element, compute-bound.
+    z = torch.randn(1 << 24, device="cuda")
+
+    def fma():
+        torch.addcmul(z, z, z, value=0.5, out=y.view(torch.float32)[: 1 << 24])
+
+    vec = None
+    try:
+        import triton
+        import triton.language as tl
+
+        @triton.jit
+        def _fma_kernel(p, N: tl.constexpr, ITERS: tl.constexpr):
+            offs = tl.program_id(0) * N + tl.arange(0, N)
+            v = tl.load(p + offs)
+            a = v
+            for _ in range(ITERS):
+                a = a * 0.999 + 0.001
+            tl.store(p + offs, a)
+
+        iters = 4096
+        secs = time_cuda(lambda: _fma_kernel[(z.numel() // 1024,)](z, N=1024, ITERS=iters), reps=5)
+        vec = 2 * iters * z.numel() / secs
+    except Exception:  # noqa: BLE001 - fall back to the memory-bound op's rate, recorded as such
+        vec = 2 * z.numel() / time_cuda(fma, reps=10)
+    return {"matmul_flops": flops, "hbm_Bps": hbm, "launch_s": launch, "launch_eager_s": launch_eager,
+            "vector_flops": vec}
+
+
+def elementwise(sizes=(1 << 16, 1 << 20, 1 << 24, 1 << 27)) -> list[dict]:
+    out = []
+    for n in sizes:
+        a = torch.randn(n // 2, device="cuda", dtype=torch.bfloat16)
+        b = torch.randn_like(a)
+        c = torch.empty_like(a)
+        out.append({"bytes": 3 * a.numel() * 2, "seconds": time_graph(lambda: torch.add(a, b, out=c))})
+    return out
+
+
+def sparse_attention(batches=(1, 16, 32, 64, 128), ks=(16, 32, 64), q_heads=32, kv_heads=8, d=128) -> list[dict]:
+    out = []
+    G = q_heads // kv_heads
+    for B in batches:
+        R = B * kv_heads
+        pool = torch.randn(R, max(ks) + 1, 2, 64, d, device="cuda", dtype=torch.bfloat16)
+        q = torch.randn(R, G, d, device="cuda", dtype=torch.bfloat16)
+        for k in ks:
+            slots = torch.arange(k, device="cuda").expand(R, k).contiguous()
+            plan = AttentionPlan(slots, torch.full((R, k), 64, device="cuda", dtype=torch.int32), slots)
+            out.append({"batch": B, "q_heads": q_heads, "kv_heads": kv_heads, "head_dim": d, "k_blocks": k,
+                        "seconds": time_graph(lambda: sparse_decode_attention(q, pool, plan))})
+        del pool
+    return out
+
+
+def dense_attention(points=((1, 4096), (8, 4096), (16, 4096), (1, 16384), (8, 16384), (16, 16384), (8, 32768)),
+                    q_heads=32, kv_heads=8, d=128) -> list[dict]:
+    out = []
+    G = q_heads // kv_heads
+    for B, ctx in points:
+        R, nb = B * kv_heads, ctx // 64
+        pool = torch.randn(R, nb, 2, 64, d, device="cuda", dtype=torch.bfloat16)
+        q = torch.randn(R, G, d, device="cuda", dtype=torch.bfloat16)
+        slots = torch.arange(nb, device="cuda").expand(R, nb).contiguous()
+        plan = AttentionPlan(slots, torch.full((R, nb), 64, device="cuda", dtype=torch.int32), slots)
+        out.append({"batch": B, "q_heads": q_heads, "kv_heads": kv_heads, "head_dim": d, "context": ctx,
+                    "seconds": time_graph(lambda: sparse_decode_attention(q, pool, plan), inner=4)})
+        del pool
+    return out
+
+
+def selection(points=((1, 16384), (16, 4096), (16, 16384), (64, 16384), (16, 32768), (64, 32768)), q_heads=32,
+              kv_heads=8, d=128, k=64) -> list[dict]:
+    out = []
+    G = q_heads // kv_heads
+    for B, ctx in points:
+        R = B * kv_heads
+        nb = (ctx - 1) // 64 + 1
+        st = ScoreState.allocate(1, R, d, ctx, nb, qaware=True, agnostic=False, dtype=torch.bfloat16, device="cuda")
+        st.ckeys.normal_()
+        q = torch.randn(R, G, d, device="cuda", dtype=torch.bfloat16)
+        c = torch.full((R,), ctx, device="cuda")
+
+        def fn():
+            s = qaware_block_scores(st, 0, q, c, nb)
+            select_blocks_gpu(s, c, k=k)
+
+        out.append({"batch": B, "q_heads": q_heads, "kv_heads": kv_heads, "head_dim": d, "context": ctx,
+                    "seconds": time_graph(fn, inner=4)})
+        del st
+    return out
+
+
+def offload_phases(points=((16, 16384), (64, 16384), (64, 32768)), variant: str = "nosa") -> list[dict]:
+    """Per-layer cost of the offloaded path's own work, each phase alone in a CUDA graph (one llama3-8b layer):
+    scoring + selection, the block-table update, and the whole ``attend`` with every selected block resident (no
+    transfer). Not a profile table (the schema has none for it); recorded so the simulator's ``selection`` and
+    ``block_table`` costs can be checked."""
+    from dataclasses import replace
+
+    from .backends import OffloadBackend
+    from .blockcache import update_table
+    from .config import PRESETS, RuntimeConfig
+    from .kvstore import HostStore
+    from .model import Weights
+    from .selection import append_token
+
+    one = replace(PRESETS["llama3-8b"], layers=1, vocab=16)
+    lw = Weights.random(one, torch.bfloat16, "cuda", 0).layers[0]
+    out = []
+    for B, ctx in points:
+        cfg = RuntimeConfig(one, variant, batch=B, context=ctx, steps=8, k_q=33 if variant == "nosa" else None,
+                            host_seqs=min(B, 4))
+        host = HostStore.allocate(cfg, pin=True)
+        host.fill_random(0, "cuda")
+        be = OffloadBackend(cfg, "cuda", host)
+        be.prefill(None, exact=False)
+        be.begin_step()
+        G, D = one.group, one.head_dim
+        q = torch.randn(be.R, G, D, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(be.R, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        sel = be.select(0, q)
+
+        def scoring():
+            cis = be._cis(lw, v) if be.scores.cis is not None else None
+            append_token(be.scores, 0, be.pos, k, cis, be.tail_done, be.tail - 1)
+            be.select(0, q)
+
+        entry = {"variant": variant, "batch": B, "context": ctx,
+                 "selection_s": time_graph(scoring, inner=4),
+                 "block_table_s": time_graph(lambda: update_table(be.table, 0, sel, be.state.step, be.tail_done,
+                                                                  be.tail - 1), inner=4),
+                 "attend_all_hits_s": time_graph(lambda: be.attend(0, q, k, v, lw), inner=4)}
+        out.append(entry)
+        del be, host
+        torch.cuda.empty_cache()
+    return out
+
+
+def transfer_tables(gather_best: list[dict]) -> dict[str, list[dict]]:
+    """Link tables from the gather benchmark's best variants, in simulator chunk terms (see module doc)."""
+    tables = {"h2d": [], "d2h": []}
+    for r in gather_best:
+        tables[r["direction"]].append({"chunk_bytes": r["chunk_bytes"] // 2, "count": 2 * r["count"],
+                                       "seconds": r["seconds"]})
+    return tables
+
+
+def _link(entries: list[dict], memcpy_peak: float) -> tuple[dict, list[dict]]:
+    # Peak: the pinned memcpy of the same run, or the best gather if that beat it (efficiency must stay <= 1).
+    peak = max([memcpy_peak] + [e["chunk_bytes"] * e["count"] / e["seconds"] for e in entries])
+    lat = min(e["seconds"] - e["chunk_bytes"] * e["count"] / peak for e in entries)
+    lat = max(0.0, 0.95 * lat)
+    return {"peak_Bps": peak, "latency_s": lat}, entries
+
+
+def build_profile(name: str, cal: dict, gather: dict) -> dict:
+    """Assemble the profile dict from calibration results ``cal`` and the gather benchmark ``gather``."""
+    env = environment()
+    tables = transfer_tables(gather["best"])
+    h2d, h2d_tab = _link(tables["h2d"], gather["peaks"]["h2d_memcpy_1GiB_Bps"])
+    d2h, d2h_tab = _link(tables["d2h"], gather["peaks"]["d2h_memcpy_1GiB_Bps"])
+    c = cal["ceilings"]
+    total = torch.cuda.get_device_properties(0).total_memory
+    prof = {
+        "schema": "nosasim-profile/1", "name": name,
+        "device": f"{env.get('device')} (driver {env.get('driver')}, CUDA {env.get('cuda')})",
+        "provenance": (f"measured by runtime.calibrate on {env['date']}: torch {env['torch']}, triton {env['triton']}; "
+                       "isolated operator microbenchmarks, CUDA-event medians; link tables from "
+                       "benchmarks/bench_gather.py (best kernel variant) in simulator chunk terms"),
+        "gpu_memory_bytes": total, "reserved_bytes": cal.get("reserved_bytes", 0),
+        "hbm_Bps": c["hbm_Bps"], "matmul_flops": c["matmul_flops"], "vector_flops": c["vector_flops"],
+        "launch_s": c["launch_s"], "h2d": h2d, "d2h": d2h,
+        "ops": {"gemm": [{k: e[k] for k in ("m", "n", "k", "seconds")} for e in cal["gemm"]],
+                "sparse_attention": cal["sparse_attention"], "dense_attention": cal["dense_attention"],
+                "selection": cal["selection"], "elementwise": cal["elementwise"],
+                "gather_h2d": h2d_tab, "writeback_d2h": d2h_tab},
+        "notes": (f"launch_s: per-kernel cost of tiny kernels replayed from a CUDA graph (decode steps replay graphs); "
+                  f"eager launches cost {c['launch_eager_s'] * 1e6:.1f} us each. Op tables are timed inside CUDA "
+                  f"graphs too."),
+    }
+    return prof
+
+
+def run_all() -> dict:
+    free, total = torch.cuda.mem_get_info()
+    cal = {"reserved_bytes": max(0, total - free), "ceilings": ceilings(), "gemm": gemms(),
+           "elementwise": elementwise(), "sparse_attention": sparse_attention(), "dense_attention": dense_attention(),
+           "selection": selection(), "offload_phases": offload_phases()}
+    for k in ("sparse_attention", "dense_attention", "selection", "elementwise"):
+        for e in cal[k]:
+            e["seconds"] = max(e["seconds"], 1e-9)
+    return cal

@@ -1,0 +1,109 @@
+"""The one script each device call runs: GPU tests, gather benchmark, decode benchmark, calibration, peer baseline.
+
+``PYTHONPATH=. python -m runtime.device_suite --out $OUT --stages tests,gather,decode,calib,peer --budget 540``.
+Every stage writes its JSON under ``--out`` as soon as it ends (a stage that fails or runs out of time loses only
+itself), and a short table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+
+from .timing import environment, write_json
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=os.environ.get("OUT", "out"))
+    ap.add_argument("--stages", default="tests,gather,decode,calib,peer")
+    ap.add_argument("--budget", type=float, default=540.0, help="seconds; later stages are skipped past it")
+    ap.add_argument("--contexts", default="16384,32768")
+    ap.add_argument("--batches", default="16,0,64,32,8", help="0: each variant's largest batch")
+    ap.add_argument("--peer", default="8,16384")
+    ap.add_argument("--gather-json", default=None, help="an earlier gather result for the profile's link tables")
+    a = ap.parse_args(argv)
+    t0 = time.time()
+    os.makedirs(a.out, exist_ok=True)
+    summary = {"env": environment(), "stages": {}}
+    lines = []
+    left = lambda: a.budget - (time.time() - t0)  # noqa: E731
+    stages = a.stages.split(",")
+    gather = None
+    for stage in stages:
+        if left() < 20:
+            summary["stages"][stage] = "skipped: budget"
+            continue
+        ts = time.time()
+        try:
+            if stage == "tests":
+                files = sorted(f"tests/{f}" for f in os.listdir("tests") if f.startswith("test_runtime_"))
+                p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
+                                    *files], capture_output=True, text=True, timeout=max(30, min(240, left() - 10)))
+                with open(os.path.join(a.out, "gpu_tests.log"), "w") as f:
+                    f.write(p.stdout + p.stderr)
+                tail = [ln for ln in p.stdout.splitlines() if ln.strip()][-12:]
+                summary["stages"][stage] = {"rc": p.returncode, "tail": tail}
+                lines += ["GPU tests rc=%d" % p.returncode] + tail[-6:]
+            elif stage == "gather":
+                sys.path.insert(0, os.getcwd())
+                from benchmarks import bench_gather
+                gather = bench_gather.run(os.path.join(a.out, "gather.json"))
+                lines.append(bench_gather.table(gather))
+            elif stage == "decode":
+                from benchmarks import bench_decode
+                res = bench_decode.run(os.path.join(a.out, "decode.json"),
+                                       contexts=tuple(int(x) for x in a.contexts.split(",")),
+                                       batches=tuple(int(x) for x in a.batches.split(",")),
+                                       budget_s=max(30, left() - 170))
+                lines.append(bench_decode.table(res))
+            elif stage == "calib":
+                from . import calibrate
+                cal = calibrate.run_all()
+                write_json(os.path.join(a.out, "calibration.json"), {"env": environment(), **cal})
+                for path in (os.path.join(a.out, "gather.json"), a.gather_json):
+                    if gather is None and path and os.path.exists(path):
+                        gather = json.load(open(path))
+                if gather is not None:
+                    prof = calibrate.build_profile("h100-pcie5-calibrated", cal, gather)
+                    from nosasim.hardware import Profile
+                    Profile.from_dict(prof)  # the profile must load in nosasim, or this stage fails
+                    write_json(os.path.join(a.out, "h100-pcie5-calibrated.json"), prof)
+                    lines.append(f"profile: hbm {prof['hbm_Bps'] / 1e12:.2f} TB/s, mm {prof['matmul_flops'] / 1e12:.0f} "
+                                 f"TFLOP/s, launch {prof['launch_s'] * 1e6:.1f} us, h2d peak "
+                                 f"{prof['h2d']['peak_Bps'] / 1e9:.1f} GB/s lat {prof['h2d']['latency_s'] * 1e6:.1f} us")
+                for e in cal.get("offload_phases", []):
+                    lines.append(f"offload phases {e['variant']} B={e['batch']} ctx={e['context']}: selection "
+                                 f"{e['selection_s'] * 1e6:.0f} us, block table {e['block_table_s'] * 1e6:.0f} us, "
+                                 f"attend (all hits) {e['attend_all_hits_s'] * 1e6:.0f} us per layer")
+            elif stage == "peer":
+                from .peer import transformers_generate
+                b, c = (int(x) for x in a.peer.split(","))
+                peer = transformers_generate(b, c)
+                write_json(os.path.join(a.out, "peer.json"), {"env": environment(), **peer})
+                lines.append(f"transformers generate static B={b} ctx={c}: {peer['per_token_step_ms']:.2f} ms/step "
+                             f"{peer['tokens_per_s']:.1f} tok/s")
+            summary["stages"].setdefault(stage, "ok")
+        except Exception as exc:  # noqa: BLE001 - one stage's failure must not lose the others' results
+            summary["stages"][stage] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()[-3000:]}
+            lines.append(f"stage {stage} FAILED: {type(exc).__name__}: {str(exc)[:300]}")
+            print(traceback.format_exc()[-2000:], flush=True)
+        import gc
+
+        import torch
+        gc.collect()
+        torch.cuda.empty_cache()
+        summary["stages_seconds"] = dict(summary.get("stages_seconds", {}), **{stage: time.time() - ts})
+        write_json(os.path.join(a.out, "summary.json"), summary)
+        print(f"[{stage}] {time.time() - ts:.0f}s", flush=True)
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
