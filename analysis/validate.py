@@ -14,10 +14,13 @@ configuration, its median and maximum absolute value, and the predicted breakdow
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import sys
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,30 +33,52 @@ def _resolve(path: str) -> Path:
 def predict_run(run: dict, profile: str, traces: dict) -> dict:
     """Simulator prediction for one measured run (same trace, budgets, batch, model, policy)."""
     from nosasim.models import ReplayConfig
-    from nosasim.sim import predict
+    from nosasim.batch import per_layer_seq, plan_batch
+    from nosasim.sim import predict, resolve, run_cache
     from nosasim.trace import read_trace
 
-    for field in ("trace", "model", "variant", "batch", "measured"):
+    for field in ("model", "variant", "batch", "measured", "steps"):
         if field not in run:
             raise ValueError(f"measurement run {run.get('name', '?')!r}: missing field '{field}'")
-    path = str(_resolve(run["trace"]))
-    if path not in traces:
-        traces[path] = read_trace(path)
-    trace = traces[path]
+    if run.get("synth"):
+        from nosasim.trace.synth import synthesize
+
+        key = json.dumps(run["synth"], sort_keys=True)
+        if key not in traces:
+            traces[key] = synthesize(**run["synth"])  # seeded: the same trace the GPU run generated
+    else:
+        key = str(_resolve(run["trace"]))
+        if key not in traces:
+            traces[key] = read_trace(key)
+    trace = traces[key]
+    want = run.get("trace_sel_sha256")
+    if want and hashlib.sha256(np.ascontiguousarray(trace.sel).tobytes()).hexdigest() != want:
+        raise ValueError(f"run {run.get('name')!r}: the trace here is not the one the GPU decoded (sha256 differs)")
     cfg = ReplayConfig(profile=profile, model=run["model"], variant=run["variant"], batch=run["batch"],
                        k=run.get("k"), k_q=run.get("k_q"), capacity=run.get("capacity"),
                        policy=run.get("policy", "prev"), microbatches=run.get("microbatches", 1))
-    # The runtime decoded exactly `steps` steps from the trace's start; predict the same window.
-    pred = predict(trace, cfg, check_memory=False)
+    cfg, model, prof = resolve(trace, cfg)
+    res = run_cache(trace, cfg)
+    pred = predict(trace, cfg, check_memory=False, cache_result=res, resolved=(model, prof))
+    # The runtime timed steps [lo, hi) of the assembled batch (after warm-up); compare the same window.
+    lo, hi = run["steps"]
+    step_s = float(np.median(pred.step_times[lo:hi]))
     meas = float(run["measured"]["median_step_s"])
+    pred_loaded = None
+    if res is not None:  # the simulator's misses over the same window: must equal the runtime's loaded blocks
+        plan = plan_batch(trace.seqs, trace.steps, cfg.batch)
+        per_step = plan.take(per_layer_seq(res.misses, model.layers, model.kv_heads)).sum(axis=(1, 2))
+        pred_loaded = float(per_step[lo:hi].mean())
     return {
         "name": run.get("name", ""), "variant": run["variant"], "batch": run["batch"], "model": run["model"],
         "k": run.get("k"), "k_q": run.get("k_q"), "policy": run.get("policy", "prev"),
-        "measured_step_s": meas, "predicted_step_s": pred.step_time_s,
-        "error": (pred.step_time_s - meas) / meas,
-        "measured_tokens_per_s": run["batch"] / meas, "predicted_tokens_per_s": pred.tokens_per_s,
+        "measured_step_s": meas, "predicted_step_s": step_s,
+        "error": (step_s - meas) / meas,
+        "measured_tokens_per_s": run["batch"] / meas, "predicted_tokens_per_s": run["batch"] / step_s,
         "predicted_breakdown": pred.breakdown, "predicted_hit_rate": pred.hit_rate,
-        "measured_hit_rate": run.get("hit_rate"),
+        "measured_loaded_blocks_per_step": (float(np.mean(run["loaded_blocks_per_step"]))
+                                            if run.get("loaded_blocks_per_step") else None),
+        "predicted_loaded_blocks_per_step": pred_loaded,
     }
 
 

@@ -61,6 +61,11 @@ def _select_fb(batch_cmp, batch_blocks, batch, q_heads, kv_heads, head_dim, dt=2
     return flops, bytes_
 
 
+def _table_bytes(rows, k, capacity):
+    """Block-table update: read the selection and the slot map, write slots and keys (int32)."""
+    return 4.0 * rows * (2 * k + 2 * capacity)
+
+
 # How each calibration table kind turns an entry's shape into (flops, bytes), so entries and queries share a roofline.
 def _table_fb(kind: str, e: dict):
     if kind == "gemm":
@@ -71,10 +76,12 @@ def _table_fb(kind: str, e: dict):
         return _attn_fb(e["batch"] * e["k_blocks"] * 64, e["batch"], e["q_heads"], e["kv_heads"], e["head_dim"])
     if kind == "dense_attention":
         return _attn_fb(e["batch"] * e["context"], e["batch"], e["q_heads"], e["kv_heads"], e["head_dim"])
-    if kind == "selection":
+    if kind in ("selection", "selection_nosa"):
         cmp = e["batch"] * _n_cmp(e["context"])
         return _select_fb(cmp, e["batch"] * (e["context"] // 64 + 1), e["batch"], e["q_heads"], e["kv_heads"],
-                          e["head_dim"])
+                          e["head_dim"], agnostic=kind == "selection_nosa")
+    if kind == "block_table":
+        return 0.0, _table_bytes(e["rows"], e["k"], e["capacity"])
     raise RuntimeError(f"no roofline for table kind {kind!r}: a bug")
 
 
@@ -140,10 +147,12 @@ class CostModel:
             blocks_sum = ctx_sum / self.block_size + b
             nosa = cfg.variant == "nosa"
             f, by = _select_fb(cmp_sum, blocks_sum, b, m.q_heads, m.kv_heads, m.head_dim, dt, agnostic=nosa)
-            pre.append(OpCost("selection", "selection", self.op_time("selection", f, by, kernels=6 if nosa else 4)))
+            # NOSA's selection (eviction score, second top-k) has its own table when calibrated.
+            kind = "selection_nosa" if nosa and "selection_nosa" in self._curves else "selection"
+            pre.append(OpCost("selection", "selection", self.op_time(kind, f, by, kernels=6 if nosa else 4)))
             rows = b * m.kv_heads
-            pre.append(OpCost("block_table", "cache", ones * self.elementwise(
-                4.0 * rows * (2 * cfg.k + 2 * cfg.capacity), kernels=2)))
+            pre.append(OpCost("block_table", "cache", ones * self.op_time(
+                "block_table", 0.0, _table_bytes(rows, cfg.k, cfg.capacity), kernels=2)))
             tokens = ones * b * cfg.k * self.block_size
             f, by = _attn_fb(tokens, b, m.q_heads, m.kv_heads, m.head_dim, dt)
             attn = OpCost("sparse_attention", "attention", self.op_time("sparse_attention", f, by + 4.0 * rows * cfg.k,

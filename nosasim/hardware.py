@@ -29,6 +29,8 @@ OP_FIELDS: dict[str, tuple[str, ...]] = {
     "sparse_attention": ("batch", "q_heads", "kv_heads", "head_dim", "k_blocks"),
     "dense_attention": ("batch", "q_heads", "kv_heads", "head_dim", "context"),
     "selection": ("batch", "q_heads", "kv_heads", "head_dim", "context"),
+    "selection_nosa": ("batch", "q_heads", "kv_heads", "head_dim", "context"),
+    "block_table": ("rows", "k", "capacity"),
     "elementwise": ("bytes",),
     "gather_h2d": ("chunk_bytes", "count"),
     "writeback_d2h": ("chunk_bytes", "count"),

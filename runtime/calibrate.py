@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 
 from .attention import AttentionPlan, sparse_decode_attention
-from .selection import ScoreState, qaware_block_scores, select_blocks_gpu
 from .timing import environment, time_cuda, time_graph
 
 LLAMA3_8B_GEMMS = {"qkv_proj": (6144, 4096), "o_proj": (4096, 4096), "gate_up_proj": (28672, 4096),
@@ -120,33 +119,14 @@ def dense_attention(points=((1, 4096), (8, 4096), (16, 4096), (1, 16384), (8, 16
     return out
 
 
-def selection(points=((1, 16384), (16, 4096), (16, 16384), (64, 16384), (16, 32768), (64, 32768)), q_heads=32,
-              kv_heads=8, d=128, k=64) -> list[dict]:
-    out = []
-    G = q_heads // kv_heads
-    for B, ctx in points:
-        R = B * kv_heads
-        nb = (ctx - 1) // 64 + 1
-        st = ScoreState.allocate(1, R, d, ctx, nb, qaware=True, agnostic=False, dtype=torch.bfloat16, device="cuda")
-        st.ckeys.normal_()
-        q = torch.randn(R, G, d, device="cuda", dtype=torch.bfloat16)
-        c = torch.full((R,), ctx, device="cuda")
-
-        def fn():
-            s = qaware_block_scores(st, 0, q, c, nb)
-            select_blocks_gpu(s, c, k=k)
-
-        out.append({"batch": B, "q_heads": q_heads, "kv_heads": kv_heads, "head_dim": d, "context": ctx,
-                    "seconds": time_graph(fn, inner=4)})
-        del st
-    return out
+PHASE_POINTS = tuple((b, c) for b in (8, 16, 32, 64, 128) for c in (8192, 16384, 32768))
 
 
-def offload_phases(points=((16, 16384), (64, 16384), (64, 32768)), variant: str = "nosa") -> list[dict]:
+def offload_phases(points=PHASE_POINTS, variant: str = "nosa") -> list[dict]:
     """Per-layer cost of the offloaded path's own work, each phase alone in a CUDA graph (one llama3-8b layer):
-    scoring + selection, the block-table update, and the whole ``attend`` with every selected block resident (no
-    transfer). Not a profile table (the schema has none for it); recorded so the simulator's ``selection`` and
-    ``block_table`` costs can be checked."""
+    the selection phase exactly as decode runs it (compressed-key and eviction-score update, scoring, top-k), the
+    block-table update, and the whole ``attend`` with every selected block resident (no transfer). The first two
+    become the profile's ``selection``/``selection_nosa`` and ``block_table`` tables."""
     from dataclasses import replace
 
     from .backends import OffloadBackend
@@ -177,7 +157,7 @@ def offload_phases(points=((16, 16384), (64, 16384), (64, 32768)), variant: str 
             append_token(be.scores, 0, be.pos, k, cis, be.tail_done, be.tail - 1)
             be.select(0, q)
 
-        entry = {"variant": variant, "batch": B, "context": ctx,
+        entry = {"variant": variant, "batch": B, "context": ctx, "rows": be.R, "k": cfg.k, "capacity": cfg.slots,
                  "selection_s": time_graph(scoring, inner=4),
                  "block_table_s": time_graph(lambda: update_table(be.table, 0, sel, be.state.step, be.tail_done,
                                                                   be.tail - 1), inner=4),
@@ -224,7 +204,7 @@ def build_profile(name: str, cal: dict, gather: dict) -> dict:
         "launch_s": c["launch_s"], "h2d": h2d, "d2h": d2h,
         "ops": {"gemm": [{k: e[k] for k in ("m", "n", "k", "seconds")} for e in cal["gemm"]],
                 "sparse_attention": cal["sparse_attention"], "dense_attention": cal["dense_attention"],
-                "selection": cal["selection"], "elementwise": cal["elementwise"],
+                "elementwise": cal["elementwise"], **phase_tables(cal["offload_phases"]),
                 "gather_h2d": h2d_tab, "writeback_d2h": d2h_tab},
         "notes": (f"launch_s: per-kernel cost of tiny kernels replayed from a CUDA graph (decode steps replay graphs); "
                   f"eager launches cost {c['launch_eager_s'] * 1e6:.1f} us each. Op tables are timed inside CUDA "
@@ -233,12 +213,26 @@ def build_profile(name: str, cal: dict, gather: dict) -> dict:
     return prof
 
 
+def phase_tables(phases: list[dict]) -> dict[str, list[dict]]:
+    """Profile tables from the per-layer phase timings: selection per variant, block-table update per row count."""
+    shape = {"q_heads": 32, "kv_heads": 8, "head_dim": 128}
+    out = {"selection": [], "selection_nosa": [], "block_table": []}
+    by_rows: dict[tuple, list[float]] = {}
+    for e in phases:
+        kind = "selection_nosa" if e["variant"] == "nosa" else "selection"
+        out[kind].append({"batch": e["batch"], **shape, "context": e["context"], "seconds": e["selection_s"]})
+        by_rows.setdefault((e["rows"], e["k"], e["capacity"]), []).append(e["block_table_s"])
+    for (rows, k, cap), ts in sorted(by_rows.items()):
+        out["block_table"].append({"rows": rows, "k": k, "capacity": cap, "seconds": sorted(ts)[len(ts) // 2]})
+    return {k: v for k, v in out.items() if v}
+
+
 def run_all() -> dict:
     free, total = torch.cuda.mem_get_info()
     cal = {"reserved_bytes": max(0, total - free), "ceilings": ceilings(), "gemm": gemms(),
            "elementwise": elementwise(), "sparse_attention": sparse_attention(), "dense_attention": dense_attention(),
-           "selection": selection(), "offload_phases": offload_phases()}
-    for k in ("sparse_attention", "dense_attention", "selection", "elementwise"):
+           "offload_phases": offload_phases(variant="infllmv2") + offload_phases(variant="nosa")}
+    for k in ("sparse_attention", "dense_attention", "elementwise"):
         for e in cal[k]:
             e["seconds"] = max(e["seconds"], 1e-9)
     return cal

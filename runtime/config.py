@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 VARIANTS = ("dense", "infllmv2", "nosa", "trace")
 POLICIES = ("prev", "lru", "lfu", "static")
@@ -73,7 +73,6 @@ class RuntimeConfig:
     host_seqs: int | None = None
     compress_size: int = 32
     compress_stride: int = 16
-    extra: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.variant not in VARIANTS:

@@ -81,6 +81,10 @@ def main(argv=None) -> int:
                     lines.append(f"offload phases {e['variant']} B={e['batch']} ctx={e['context']}: selection "
                                  f"{e['selection_s'] * 1e6:.0f} us, block table {e['block_table_s'] * 1e6:.0f} us, "
                                  f"attend (all hits) {e['attend_all_hits_s'] * 1e6:.0f} us per layer")
+            elif stage == "e2e":
+                from . import e2e
+                res = e2e.run(os.path.join(a.out, "e2e.json"), budget_s=max(30, left() - 30))
+                lines.append(e2e.table(res))
             elif stage == "peer":
                 from .peer import transformers_generate
                 b, c = (int(x) for x in a.peer.split(","))
