@@ -33,8 +33,8 @@ def _resolve(path: str) -> Path:
 def predict_run(run: dict, profile: str, traces: dict) -> dict:
     """Simulator prediction for one measured run (same trace, budgets, batch, model, policy)."""
     from nosasim.models import ReplayConfig
-    from nosasim.batch import per_layer_seq, plan_batch
-    from nosasim.sim import predict, resolve, run_cache
+    from nosasim.batch import assemble_trace, per_layer_seq
+    from nosasim.sim import _selection_trace, predict, resolve, run_cache
     from nosasim.trace import read_trace
 
     for field in ("model", "variant", "batch", "measured", "steps"):
@@ -58,6 +58,9 @@ def predict_run(run: dict, profile: str, traces: dict) -> dict:
                        k=run.get("k"), k_q=run.get("k_q"), capacity=run.get("capacity"),
                        policy=run.get("policy", "prev"), microbatches=run.get("microbatches", 1))
     cfg, model, prof = resolve(trace, cfg)
+    if cfg.offloaded:
+        # Replay what the GPU replayed: the re-selected trace, assembled into the batch, every slot starting cold.
+        trace = assemble_trace(_selection_trace(trace, cfg), cfg.batch)
     res = run_cache(trace, cfg)
     pred = predict(trace, cfg, check_memory=False, cache_result=res, resolved=(model, prof))
     # The runtime timed steps [lo, hi) of the assembled batch (after warm-up); compare the same window.
@@ -66,8 +69,7 @@ def predict_run(run: dict, profile: str, traces: dict) -> dict:
     meas = float(run["measured"]["median_step_s"])
     pred_loaded = None
     if res is not None:  # the simulator's misses over the same window: must equal the runtime's loaded blocks
-        plan = plan_batch(trace.seqs, trace.steps, cfg.batch)
-        per_step = plan.take(per_layer_seq(res.misses, model.layers, model.kv_heads)).sum(axis=(1, 2))
+        per_step = per_layer_seq(res.misses, model.layers, model.kv_heads).sum(axis=(1, 2))
         pred_loaded = float(per_step[lo:hi].mean())
     return {
         "name": run.get("name", ""), "variant": run["variant"], "batch": run["batch"], "model": run["model"],

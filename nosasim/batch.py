@@ -84,3 +84,21 @@ def microbatch_groups(batch: int, microbatches: int) -> list[np.ndarray]:
 def per_microbatch(arr: np.ndarray, groups: list[np.ndarray]) -> np.ndarray:
     """Sum the last (batch) axis within each micro-batch: [..., B] -> [..., m]."""
     return np.stack([arr[..., g].sum(axis=-1) for g in groups], axis=-1)
+
+
+def assemble_trace(trace, batch: int):
+    """The batch as a trace of its own: slot ``b`` is source sequence ``plan.seq[b]`` from step ``plan.offset[b]``.
+
+    Unlike :meth:`BatchPlan.take` on a cache result, every slot of the new trace starts *cold* at its first step,
+    which is what a runtime that replays the assembled selections from an empty GPU cache does; the validation
+    against the GPU runtime uses it so that both sides start from the same state. Per-step score arrays are
+    dropped (re-select first, then assemble).
+    """
+    from nosasim.trace import Trace
+
+    plan = plan_batch(trace.seqs, trace.steps, batch)
+    sel = np.moveaxis(plan.take(np.moveaxis(trace.sel, 3, -1)), -1, 3)
+    agn = None if trace.agnostic_score is None else trace.agnostic_score[:, :, plan.seq]
+    prov = dict(trace.header.provenance, batch_plan={"seq": plan.seq.tolist(), "offset": plan.offset.tolist()})
+    return Trace.from_arrays(sel, plan.take(trace.context_len), block_size=trace.block_size, model=trace.header.model,
+                             selection=trace.header.selection, provenance=prov, agnostic_score=agn, k=trace.k)

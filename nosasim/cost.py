@@ -86,6 +86,9 @@ def _table_fb(kind: str, e: dict):
 
 
 _MATMUL_KINDS = ("gemm", "sparse_attention", "dense_attention")
+# Tables of composite work (chains of small kernels) measured per layer by batch: no single roofline describes
+# them, so their seconds are interpolated linearly in the batch size (and extrapolated along the last segment).
+BATCH_TABLES = ("layer_glue", "attend_glue")
 
 
 class CostModel:
@@ -94,9 +97,19 @@ class CostModel:
     def __init__(self, profile: Profile, model: ModelSpec, config: ReplayConfig, block_size: int = 64):
         self.p, self.m, self.cfg, self.block_size = profile, model, config, block_size
         self._curves = {}
+        self._batch_curves = {}
         for kind, entries in profile.ops.items():
             if kind in ("gather_h2d", "writeback_d2h"):
                 continue  # folded into the transfer models by nosasim.hardware
+            if kind in BATCH_TABLES:
+                # Only entries measured on this model's shape apply: glue cost scales with widths, not FLOPs.
+                own = {"hidden": model.hidden, "q_heads": model.q_heads, "kv_heads": model.kv_heads,
+                       "head_dim": model.head_dim, "mlp": model.intermediate}
+                pts = sorted((e["batch"], e["seconds"]) for e in entries
+                             if all(e[f] == v for f, v in own.items() if f in e))
+                if pts:
+                    self._batch_curves[kind] = (np.array([p[0] for p in pts], float), np.array([p[1] for p in pts]))
+                continue
             roof = np.array([self._roofline(kind, *_table_fb(kind, e)) for e in entries])
             eff = roof / np.array([e["seconds"] for e in entries])
             order = np.argsort(roof)
@@ -119,6 +132,18 @@ class CostModel:
             eff = np.interp(np.log(np.maximum(roof, 1e-12)), np.log(xs), effs)
         return roof / eff
 
+    def batch_table(self, kind: str, batch: int) -> float | None:
+        """Seconds of a composite per-layer op at ``batch`` from its calibration table, or None without one."""
+        curve = self._batch_curves.get(kind)
+        if curve is None:
+            return None
+        bs, ts = curve
+        if len(bs) == 1:
+            return float(ts[0] * batch / bs[0])
+        i = int(np.clip(np.searchsorted(bs, batch) - 1, 0, len(bs) - 2))
+        slope = (ts[i + 1] - ts[i]) / (bs[i + 1] - bs[i])
+        return float(max(ts[i] + slope * (batch - bs[i]), 0.0))
+
     def gemm(self, m, n, k):
         return self.op_time("gemm", *_gemm_fb(m, n, k, self.m.dtype_bytes))
 
@@ -140,7 +165,14 @@ class CostModel:
             OpCost("rope", "elementwise", ones * self.elementwise(
                 dt * b * m.head_dim * (2 * (m.q_heads + m.kv_heads) + 2 * m.kv_heads), kernels=2)),
         ]
+        glue = self.batch_table("layer_glue", b)
+        if glue is not None:
+            # Calibrated as the decoder really runs it: norms, RoPE, reshapes, residuals, SiLU-mul in one table.
+            pre = [OpCost("layer_glue", "elementwise", ones * glue), pre[1]]
         if cfg.offloaded:
+            attend_glue = self.batch_table("attend_glue", b)
+            if attend_glue is not None:
+                pre.append(OpCost("attend_glue", "cache", ones * attend_glue))
             # Compressed keys summed over the micro-batch: n_cmp is affine in context (up to flooring), so b times
             # n_cmp of the mean context equals the per-sequence sum within one key per sequence.
             cmp_sum = _n_cmp(ctx_sum / b) * b
@@ -168,6 +200,8 @@ class CostModel:
             OpCost("silu_mul", "elementwise", ones * self.elementwise(dt * 3 * b * m.intermediate)),
             OpCost("down_proj", "gemm", ones * self.gemm(b, m.hidden, m.intermediate)),
         ]
+        if glue is not None:  # mlp_norm and silu_mul are inside layer_glue
+            post = [op for op in post if op.name not in ("mlp_norm", "silu_mul")]
         return pre, post
 
     def step_ops(self, b: int, steps: int) -> tuple[list[OpCost], list[OpCost]]:

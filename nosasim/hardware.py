@@ -31,6 +31,9 @@ OP_FIELDS: dict[str, tuple[str, ...]] = {
     "selection": ("batch", "q_heads", "kv_heads", "head_dim", "context"),
     "selection_nosa": ("batch", "q_heads", "kv_heads", "head_dim", "context"),
     "block_table": ("rows", "k", "capacity"),
+    # Composite per-layer work, interpolated in batch (see nosasim/cost.py, BATCH_TABLES).
+    "layer_glue": ("batch", "hidden", "q_heads", "kv_heads", "head_dim", "mlp"),
+    "attend_glue": ("batch", "kv_heads"),
     "elementwise": ("bytes",),
     "gather_h2d": ("chunk_bytes", "count"),
     "writeback_d2h": ("chunk_bytes", "count"),

@@ -87,7 +87,7 @@ def elementwise(sizes=(1 << 16, 1 << 20, 1 << 24, 1 << 27)) -> list[dict]:
     return out
 
 
-def sparse_attention(batches=(1, 16, 32, 64, 128), ks=(16, 32, 64), q_heads=32, kv_heads=8, d=128) -> list[dict]:
+def sparse_attention(batches=(1, 8, 16, 32, 64, 96, 128), ks=(16, 32, 64), q_heads=32, kv_heads=8, d=128) -> list[dict]:
     out = []
     G = q_heads // kv_heads
     for B in batches:
@@ -103,19 +103,63 @@ def sparse_attention(batches=(1, 16, 32, 64, 128), ks=(16, 32, 64), q_heads=32, 
     return out
 
 
-def dense_attention(points=((1, 4096), (8, 4096), (16, 4096), (1, 16384), (8, 16384), (16, 16384), (8, 32768)),
-                    q_heads=32, kv_heads=8, d=128) -> list[dict]:
+def dense_attention(points=((1, 4096), (8, 8192), (16, 8192), (32, 8192), (8, 16384), (16, 16384), (8, 32768),
+                            (16, 32768)), variant_shape: str = "llama3-8b") -> list[dict]:
+    """The dense attention phase of one layer exactly as decode runs it (new token written into the tail block,
+    block lengths, the attention kernel over every block), alone in a CUDA graph."""
+    from dataclasses import replace
+
+    from .backends import DenseBackend
+    from .config import PRESETS, RuntimeConfig
+
+    one = replace(PRESETS[variant_shape], layers=1, vocab=16)
     out = []
-    G = q_heads // kv_heads
     for B, ctx in points:
-        R, nb = B * kv_heads, ctx // 64
-        pool = torch.randn(R, nb, 2, 64, d, device="cuda", dtype=torch.bfloat16)
-        q = torch.randn(R, G, d, device="cuda", dtype=torch.bfloat16)
-        slots = torch.arange(nb, device="cuda").expand(R, nb).contiguous()
-        plan = AttentionPlan(slots, torch.full((R, nb), 64, device="cuda", dtype=torch.int32), slots)
-        out.append({"batch": B, "q_heads": q_heads, "kv_heads": kv_heads, "head_dim": d, "context": ctx,
-                    "seconds": time_graph(lambda: sparse_decode_attention(q, pool, plan), inner=4)})
-        del pool
+        be = DenseBackend(RuntimeConfig(one, "dense", batch=B, context=ctx, steps=4), "cuda")
+        be.begin_step()
+        q = torch.randn(be.R, one.group, one.head_dim, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(be.R, one.head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        out.append({"batch": B, "q_heads": one.q_heads, "kv_heads": one.kv_heads, "head_dim": one.head_dim,
+                    "context": ctx, "seconds": time_graph(lambda: be.attend(0, q, k, v, None), inner=4)})
+        del be
+        torch.cuda.empty_cache()
+    return out
+
+
+def layer_glue(batches=(1, 8, 16, 32, 64, 96, 128), variant_shape: str = "llama3-8b") -> list[dict]:
+    """One layer's token-path work besides the GEMMs and attention, with the decoder's own functions in the
+    decoder's order: two RMSNorms, RoPE on q and k, the K/V reshapes, two residual adds, SiLU(gate) * up."""
+    import torch.nn.functional as F
+
+    from .config import PRESETS
+    from .model import rms_norm, rope
+
+    s = PRESETS[variant_shape]
+    D, H = s.head_dim, s.kv_heads
+    w = torch.ones(s.hidden, device="cuda", dtype=torch.bfloat16)
+    out = []
+    for B in batches:
+        x = torch.randn(B, s.hidden, device="cuda", dtype=torch.bfloat16)
+        qkv = torch.randn(B, (s.q_heads + 2 * H) * D, device="cuda", dtype=torch.bfloat16)
+        o = torch.randn(B, s.hidden, device="cuda", dtype=torch.bfloat16)
+        gu = torch.randn(B, 2 * s.mlp, device="cuda", dtype=torch.bfloat16)
+        ang = torch.rand(B, 1, D // 2, device="cuda")
+        cos, sin = ang.cos(), ang.sin()
+
+        def glue():
+            rms_norm(x, w)
+            q, k, v = qkv.split([s.q_heads * D, H * D, H * D], -1)
+            rope(q.view(B, s.q_heads, D), cos, sin)
+            rope(k.view(B, H, D), cos, sin).reshape(B * H, D)
+            v.reshape(B * H, D)
+            x2 = x + o
+            rms_norm(x2, w)
+            gate, up = gu.chunk(2, -1)
+            F.silu(gate) * up
+            x2 + o
+
+        out.append({"batch": B, "hidden": s.hidden, "q_heads": s.q_heads, "kv_heads": H, "head_dim": D,
+                    "mlp": s.mlp, "seconds": time_graph(glue, inner=4)})
     return out
 
 
@@ -204,7 +248,8 @@ def build_profile(name: str, cal: dict, gather: dict) -> dict:
         "launch_s": c["launch_s"], "h2d": h2d, "d2h": d2h,
         "ops": {"gemm": [{k: e[k] for k in ("m", "n", "k", "seconds")} for e in cal["gemm"]],
                 "sparse_attention": cal["sparse_attention"], "dense_attention": cal["dense_attention"],
-                "elementwise": cal["elementwise"], **phase_tables(cal["offload_phases"]),
+                "elementwise": cal["elementwise"], "layer_glue": cal["layer_glue"],
+                **phase_tables(cal["offload_phases"], cal["sparse_attention"]),
                 "gather_h2d": h2d_tab, "writeback_d2h": d2h_tab},
         "notes": (f"launch_s: per-kernel cost of tiny kernels replayed from a CUDA graph (decode steps replay graphs); "
                   f"eager launches cost {c['launch_eager_s'] * 1e6:.1f} us each. Op tables are timed inside CUDA "
@@ -213,17 +258,27 @@ def build_profile(name: str, cal: dict, gather: dict) -> dict:
     return prof
 
 
-def phase_tables(phases: list[dict]) -> dict[str, list[dict]]:
-    """Profile tables from the per-layer phase timings: selection per variant, block-table update per row count."""
+def phase_tables(phases: list[dict], sparse: list[dict]) -> dict[str, list[dict]]:
+    """Profile tables from the per-layer phase timings: selection per variant, block-table update per row count,
+    and the offloaded attend path's remaining work (tail moves, copy launches with nothing to copy, new-token
+    write): the whole attend with every block resident, less its selection, block-table update and attention
+    kernel, each of which was timed alone."""
     shape = {"q_heads": 32, "kv_heads": 8, "head_dim": 128}
-    out = {"selection": [], "selection_nosa": [], "block_table": []}
+    out = {"selection": [], "selection_nosa": [], "block_table": [], "attend_glue": []}
+    attn = {(e["batch"], e["k_blocks"]): e["seconds"] for e in sparse}
+    glue: dict[int, list[float]] = {}
     by_rows: dict[tuple, list[float]] = {}
     for e in phases:
         kind = "selection_nosa" if e["variant"] == "nosa" else "selection"
         out[kind].append({"batch": e["batch"], **shape, "context": e["context"], "seconds": e["selection_s"]})
         by_rows.setdefault((e["rows"], e["k"], e["capacity"]), []).append(e["block_table_s"])
+        if (e["batch"], e["k"]) in attn:
+            rest = e["attend_all_hits_s"] - e["selection_s"] - e["block_table_s"] - attn[(e["batch"], e["k"])]
+            glue.setdefault(e["batch"], []).append(max(rest, 1e-7))
     for (rows, k, cap), ts in sorted(by_rows.items()):
         out["block_table"].append({"rows": rows, "k": k, "capacity": cap, "seconds": sorted(ts)[len(ts) // 2]})
+    for b, ts in sorted(glue.items()):
+        out["attend_glue"].append({"batch": b, "kv_heads": 8, "seconds": sorted(ts)[len(ts) // 2]})
     return {k: v for k, v in out.items() if v}
 
 
@@ -231,8 +286,9 @@ def run_all() -> dict:
     free, total = torch.cuda.mem_get_info()
     cal = {"reserved_bytes": max(0, total - free), "ceilings": ceilings(), "gemm": gemms(),
            "elementwise": elementwise(), "sparse_attention": sparse_attention(), "dense_attention": dense_attention(),
+           "layer_glue": layer_glue(),
            "offload_phases": offload_phases(variant="infllmv2") + offload_phases(variant="nosa")}
-    for k in ("sparse_attention", "dense_attention", "elementwise"):
+    for k in ("sparse_attention", "dense_attention", "elementwise", "layer_glue"):
         for e in cal[k]:
             e["seconds"] = max(e["seconds"], 1e-9)
     return cal

@@ -19,7 +19,7 @@ import time
 import numpy as np
 import torch
 
-from nosasim.batch import plan_batch
+from nosasim.batch import assemble_trace
 from nosasim.select import reselect
 from nosasim.trace import read_trace
 from nosasim.trace.synth import synthesize
@@ -59,15 +59,13 @@ def load_source(source):
 
 
 def assemble(trace, variant: str, batch: int, k, k_q):
-    """Selections ``[steps, L, H, batch, k]`` and contexts ``[steps, batch]`` as ``nosasim.sim.predict`` uses them."""
-    sel = trace
+    """Selections ``[steps, L, H, batch, k]`` and contexts ``[steps, batch]``, re-selected for the budgets and
+    assembled by ``nosasim.batch.assemble_trace``, exactly as ``analysis.validate`` replays them."""
     p = trace.header.selection
     if variant != "dense" and (p.k, p.k if p.k_q is None else p.k_q) != (k, k_q):
-        sel = reselect(trace, k, k_q if k_q < k else None, sink=1, window=16)
-    plan = plan_batch(trace.seqs, trace.steps, batch)
-    ctx = plan.take(trace.context_len)
-    s = np.moveaxis(plan.take(np.moveaxis(sel.sel, 3, -1)), -1, 3) if variant != "dense" else None
-    return s, ctx, plan
+        trace = reselect(trace, k, k_q if k_q < k else None, sink=1, window=16)
+    batch_trace = assemble_trace(trace, batch)
+    return (batch_trace.sel if variant != "dense" else None), batch_trace.context_len, batch_trace
 
 
 def run_config(entry, weights, host, traces) -> dict:
@@ -76,10 +74,10 @@ def run_config(entry, weights, host, traces) -> dict:
     if key not in traces:
         traces[key] = load_source(source)
     trace = traces[key]
-    sel, ctx, plan = assemble(trace, variant, batch, k, k_q)
+    sel, ctx, batch_trace = assemble(trace, variant, batch, k, k_q)
     steps = WARMUP + 2 + TIMED + 1
-    if plan.steps < steps:
-        raise ValueError(f"{name}: the assembled batch has {plan.steps} steps, fewer than the {steps} needed")
+    if batch_trace.steps < steps:
+        raise ValueError(f"{name}: the assembled batch has {batch_trace.steps} steps, fewer than the {steps} needed")
     shape = PRESETS["llama3-8b"]
     cfg = RuntimeConfig(shape, variant, batch=batch, context=int(ctx[0].max()) - 1, steps=steps, k=k or 64,
                         k_q=k_q if variant == "nosa" else None, capacity=cap, policy=policy,
