@@ -22,10 +22,18 @@ def test_bundled_profiles_load():
         assert p.provenance and p.gpu_memory_bytes > p.reserved_bytes
 
 
-def test_h100_gather_reproduces_reference_points():
+@pytest.mark.parametrize("name", ["h100-pcie5", "h100-pcie5-reference"])
+def test_h100_gather_reproduces_measured_points(name):
     # The efficiency grid is derived from the measured gather table, so the model must give those times back.
-    p = load_profile("h100-pcie5")
-    for e in _raw()["ops"]["gather_h2d"]:
+    p = load_profile(name)
+    for e in _raw(name)["ops"]["gather_h2d"]:
+        got = float(p.h2d.time(e["chunk_bytes"], e["count"]))
+        assert got == pytest.approx(e["seconds"], rel=1e-9)
+
+
+def test_h100_reference_profile_matches_the_reference_probe():
+    p = load_profile("h100-pcie5-reference")
+    for e in _raw("h100-pcie5-reference")["ops"]["gather_h2d"]:
         got = float(p.h2d.time(e["chunk_bytes"], e["count"]))
         assert got == pytest.approx(e["seconds"], rel=1e-9)
     # 8 KiB chunks at 4,096: 48.6 GB/s, as measured.
@@ -71,7 +79,7 @@ def test_missing_field_is_named(field):
     (lambda d: d["ops"]["gather_h2d"][0].update(seconds=1e-7), "inconsistent|not above"),
 ])
 def test_bad_profiles_raise_clear_errors(mutate, match):
-    d = copy.deepcopy(_raw())
+    d = copy.deepcopy(_raw("h100-pcie5-reference"))  # the profile with an efficiency grid rather than a table
     mutate(d)
     with pytest.raises(ValueError, match=match):
         Profile.from_dict(d)
