@@ -52,6 +52,14 @@ class ModelSpec:
         embed = self.vocab * self.hidden
         return self.layers * self.layer_params + self.hidden + embed * (1 if self.tie_embeddings else 2)
 
+    @property
+    def group(self) -> int:
+        """Query heads per KV head (GQA group size)."""
+        return self.q_heads // self.kv_heads
+
+    def weight_bytes(self, dtype_bytes: int | None = None) -> int:
+        return self.params * (self.dtype_bytes if dtype_bytes is None else dtype_bytes)
+
     def block_bytes(self, block_size: int = 64) -> int:
         """Bytes of one block of K plus V for one KV head (the unit the cache moves)."""
         return 2 * block_size * self.head_dim * self.dtype_bytes

@@ -142,7 +142,7 @@ def layer_glue(batches=(1, 8, 16, 32, 64, 96, 128), variant_shape: str = "llama3
         x = torch.randn(B, s.hidden, device="cuda", dtype=torch.bfloat16)
         qkv = torch.randn(B, (s.q_heads + 2 * H) * D, device="cuda", dtype=torch.bfloat16)
         o = torch.randn(B, s.hidden, device="cuda", dtype=torch.bfloat16)
-        gu = torch.randn(B, 2 * s.mlp, device="cuda", dtype=torch.bfloat16)
+        gu = torch.randn(B, 2 * s.intermediate, device="cuda", dtype=torch.bfloat16)
         ang = torch.rand(B, 1, D // 2, device="cuda")
         cos, sin = ang.cos(), ang.sin()
 
@@ -159,7 +159,7 @@ def layer_glue(batches=(1, 8, 16, 32, 64, 96, 128), variant_shape: str = "llama3
             x2 + o
 
         out.append({"batch": B, "hidden": s.hidden, "q_heads": s.q_heads, "kv_heads": H, "head_dim": D,
-                    "mlp": s.mlp, "seconds": time_graph(glue, inner=4)})
+                    "mlp": s.intermediate, "seconds": time_graph(glue, inner=4)})
     return out
 
 

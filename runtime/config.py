@@ -4,47 +4,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from nosasim.models import ModelSpec, load_model
+
 VARIANTS = ("dense", "infllmv2", "nosa", "trace")
 POLICIES = ("prev", "lru", "lfu", "static")
 
 
-@dataclass(frozen=True, slots=True)
-class ModelShape:
-    """A Llama-shaped decoder (RMSNorm, RoPE, GQA, SwiGLU)."""
-
-    name: str
-    layers: int
-    q_heads: int
-    kv_heads: int
-    head_dim: int
-    hidden: int
-    mlp: int
-    vocab: int = 32000
-
-    def __post_init__(self):
-        for f in ("layers", "q_heads", "kv_heads", "head_dim", "hidden", "mlp", "vocab"):
-            if getattr(self, f) < 1:
-                raise ValueError(f"ModelShape.{f} must be >= 1, got {getattr(self, f)}")
-        if self.q_heads % self.kv_heads:
-            raise ValueError(f"ModelShape.q_heads ({self.q_heads}) must be a multiple of kv_heads ({self.kv_heads})")
-
-    @property
-    def group(self) -> int:
-        return self.q_heads // self.kv_heads
-
-    def weight_bytes(self, dtype_bytes: int = 2) -> int:
-        d = self.head_dim
-        per_layer = self.hidden * (self.q_heads + 2 * self.kv_heads) * d + self.q_heads * d * self.hidden
-        per_layer += 3 * self.hidden * self.mlp + 2 * self.hidden
-        return dtype_bytes * (self.layers * per_layer + 2 * self.vocab * self.hidden + self.hidden)
-
-
-PRESETS: dict[str, ModelShape] = {
-    "llama3-8b": ModelShape("llama3-8b", 32, 32, 8, 128, 4096, 14336, 128256),
-    "smollm2-135m": ModelShape("smollm2-135m", 30, 9, 3, 64, 576, 1536, 49152),
-    # A few-layer toy for CPU tests: every code path, small enough to run in milliseconds.
-    "tiny": ModelShape("tiny", 2, 4, 2, 16, 64, 128, 97),
-}
+# Model shapes are nosasim's (nosasim/presets/*.json): the runtime runs exactly the shapes the simulator predicts.
+ModelShape = ModelSpec
+PRESETS: dict[str, ModelShape] = {name: load_model(name) for name in ("llama3-8b", "smollm2-135m")}
+# A few-layer toy for CPU tests: every code path, small enough to run in milliseconds.
+PRESETS["tiny"] = ModelShape("tiny", 2, 4, 2, 16, 64, 128, 97)
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +117,7 @@ class RuntimeConfig:
         else:
             out["kv_cache"] = rows * self.n_blocks * self.block_bytes()
         # Activations and scratch: logits plus a few hidden-sized buffers per sequence, and selection scores.
-        out["scratch"] = self.batch * (s.vocab * 4 + 8 * max(s.hidden, s.mlp) * 4)
+        out["scratch"] = self.batch * (s.vocab * 4 + 8 * max(s.hidden, s.intermediate) * 4)
         if self.offloaded and self.variant != "trace":
             out["scratch"] += 4 * self.batch * s.q_heads * (self.max_tokens // self.compress_stride) * 4
         return out

@@ -48,7 +48,7 @@ class Weights:
             attn_norm=torch.ones(s.hidden, device=device, dtype=dtype),
             wqkv=w(s.hidden, (s.q_heads + 2 * s.kv_heads) * d), wo=w(s.q_heads * d, s.hidden),
             mlp_norm=torch.ones(s.hidden, device=device, dtype=dtype),
-            w13=w(s.hidden, 2 * s.mlp), w2=w(s.mlp, s.hidden),
+            w13=w(s.hidden, 2 * s.intermediate), w2=w(s.intermediate, s.hidden),
             evict_w=torch.randn(s.kv_heads, d, generator=g, device=device) / d ** 0.5,
             evict_a=0.5 * torch.rand(s.kv_heads, generator=g, device=device),
         ) for _ in range(s.layers)]

@@ -19,7 +19,7 @@ def transformers_generate(batch: int, context: int, new_tokens: int = 32, shape=
     from .config import PRESETS
 
     s = shape or PRESETS["llama3-8b"]
-    cfg = LlamaConfig(hidden_size=s.hidden, intermediate_size=s.mlp, num_hidden_layers=s.layers,
+    cfg = LlamaConfig(hidden_size=s.hidden, intermediate_size=s.intermediate, num_hidden_layers=s.layers,
                       num_attention_heads=s.q_heads, num_key_value_heads=s.kv_heads, head_dim=s.head_dim,
                       vocab_size=s.vocab, max_position_embeddings=context + new_tokens + 8, rope_theta=500000.0,
                       attn_implementation="sdpa")

@@ -16,7 +16,7 @@ nosasim_cache = pytest.importorskip("nosasim.cache")
 synth = pytest.importorskip("nosasim.trace.synth")
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
-SHAPE = ModelShape("t", layers=2, q_heads=4, kv_heads=2, head_dim=16, hidden=32, mlp=32, vocab=11)
+SHAPE = ModelShape("t", layers=2, q_heads=4, kv_heads=2, head_dim=16, hidden=32, intermediate=32, vocab=11)
 
 
 def _drive(device, policy, capacity, kind="random", steps=40, dtype="float32"):
