@@ -28,23 +28,32 @@ def _save(fig, path: str | Path) -> None:
     atomic_write(path, buf.getvalue())
 
 
-def plot_sweep(rows: list[dict], front: list[dict], path: str | Path, title: str = "") -> None:
-    """Tokens/s against GPU memory for every fitting point, coloured by policy, with the Pareto front."""
+def plot_sweep(rows: list[dict], front: list[dict], path: str | Path, title: str = "",
+               recall_front: list[dict] | None = None) -> None:
+    """Tokens/s against GPU memory for every fitting point, coloured by policy, with the Pareto front; on a score
+    trace (rows carry ``recall``) a second panel shows tokens/s against attention-mass recall and its front."""
     plt = _figure()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    with_recall = recall_front is not None and any(r.get("recall") is not None for r in rows)
+    fig, axes = plt.subplots(1, 2 if with_recall else 1, figsize=(12 if with_recall else 7, 4.5), squeeze=False)
     fits = [r for r in rows if r["fits"]]
-    for policy in sorted({r["policy"] if r["variant"] != "dense" else "dense" for r in fits}):
-        pts = [r for r in fits if (r["policy"] if r["variant"] != "dense" else "dense") == policy]
-        ax.scatter([r["gpu_memory_bytes"] / 2**30 for r in pts], [r["tokens_per_s"] for r in pts], s=14,
-                   alpha=0.6, label=policy)
-    if front:
-        ax.plot([r["gpu_memory_bytes"] / 2**30 for r in front], [r["tokens_per_s"] for r in front], "k-o",
-                ms=4, lw=1.2, label="Pareto front")
-    ax.set_xlabel("GPU memory (GiB)")
-    ax.set_ylabel("predicted tokens/s")
-    ax.set_title(title or "sweep: throughput vs GPU memory")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    panels = [(axes[0][0], "gpu_memory_bytes", 2**30, "GPU memory (GiB)", front)]
+    if with_recall:
+        panels.append((axes[0][1], "recall", 1.0, "attention-mass recall (mean)", recall_front))
+    for ax, key, scale, label, pts_front in panels:
+        for policy in sorted({r["policy"] if r["variant"] != "dense" else "dense" for r in fits}):
+            pts = [r for r in fits if (r["policy"] if r["variant"] != "dense" else "dense") == policy
+                   and r.get(key) is not None]
+            ax.scatter([r[key] / scale for r in pts], [r["tokens_per_s"] for r in pts], s=14, alpha=0.6,
+                       label=policy)
+        if pts_front:
+            ax.plot([r[key] / scale for r in pts_front], [r["tokens_per_s"] for r in pts_front], "k-o", ms=4,
+                    lw=1.2, label="Pareto front")
+        ax.set_xlabel(label)
+        ax.set_ylabel("predicted tokens/s")
+        ax.ticklabel_format(axis="x", useOffset=False)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title or "sweep: throughput vs GPU memory")
     _save(fig, path)
     plt.close(fig)
 

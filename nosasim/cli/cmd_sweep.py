@@ -51,7 +51,8 @@ def _run(args) -> int:
         summary["pareto_recall"] = pareto(rows, x="recall", minimize_x=False)
         write_csv(out / "pareto_recall.csv", summary["pareto_recall"])
     atomic_write(out / "summary.json", json.dumps(summary, indent=1, default=str).encode())
-    plot_sweep(rows, front, out / "sweep.png", title=f"{path.name} on {base.profile}, {base.model}")
+    plot_sweep(rows, front, out / "sweep.png", title=f"{path.name} on {base.profile}, {base.model}",
+               recall_front=summary.get("pareto_recall"))
     print(f"{len(rows)} points ({skipped} impossible skipped, {summary['fitting']} fit); Pareto front:")
     for r in front:
         print(f"  {r['variant']:<8} k={r['k']} k_q={r['k_q']} C={r['capacity']} {r['policy']:<6} batch={r['batch']:<4}"
