@@ -68,7 +68,7 @@ def assemble(trace, variant: str, batch: int, k, k_q):
     return (batch_trace.sel if variant != "dense" else None), batch_trace.context_len, batch_trace
 
 
-def run_config(entry, weights, host, traces) -> dict:
+def run_config(entry, weights, host, traces, copies: bool = True) -> dict:
     name, source, variant, batch, k, k_q, cap, policy = entry
     key = source if isinstance(source, str) else tuple(sorted(source.items()))
     if key not in traces:
@@ -86,7 +86,8 @@ def run_config(entry, weights, host, traces) -> dict:
     if variant != "dense":
         kw = dict(host=host, trace_sel=torch.from_numpy(sel[:steps].astype(np.int64)).cuda(),
                   ctx0=torch.from_numpy(ctx[0].astype(np.int64)).cuda())
-    r = Runner(cfg, "cuda", weights=weights, **kw)
+    r = Runner(cfg, "cuda", weights=weights, copies=copies, **kw) if variant != "dense" else \
+        Runner(cfg, "cuda", weights=weights)
     t = r.measure(steps=TIMED, warmup=WARMUP)
     out = {
         "name": name, "trace": source if isinstance(source, str) else None,
