@@ -3,10 +3,9 @@
 Each operator is timed alone (CUDA events, median), never inside a decode step: end-to-end steps are what the
 simulator predicts from this profile, so fitting them would make the comparison circular.
 
-Transfers: the runtime moves one 64-token block of K *and* V as one chunk (``2 * 64 * head_dim`` elements), while
-the simulator counts K and V as two chunks of half that size. The ``gather_h2d`` / ``writeback_d2h`` tables are
-written in the simulator's terms: a measurement of ``n`` runtime chunks of ``c`` bytes becomes the entry
-``{chunk_bytes: c / 2, count: 2 n}``, so the simulator's query for a step's misses reads the runtime's real cost.
+Transfers: the runtime moves one 64-token block of K *and* V as one chunk (``2 * 64 * head_dim`` elements), and so
+does the simulator's default ``kv_layout="joint"``; the ``gather_h2d`` / ``writeback_d2h`` tables are written in
+those terms (chunk bytes and chunk count exactly as measured).
 """
 
 from __future__ import annotations
@@ -213,11 +212,10 @@ def offload_phases(points=PHASE_POINTS, variant: str = "nosa") -> list[dict]:
 
 
 def transfer_tables(gather_best: list[dict]) -> dict[str, list[dict]]:
-    """Link tables from the gather benchmark's best variants, in simulator chunk terms (see module doc)."""
+    """Link tables from the gather benchmark's best variants, in runtime chunk terms (see module doc)."""
     tables = {"h2d": [], "d2h": []}
     for r in gather_best:
-        tables[r["direction"]].append({"chunk_bytes": r["chunk_bytes"] // 2, "count": 2 * r["count"],
-                                       "seconds": r["seconds"]})
+        tables[r["direction"]].append({"chunk_bytes": r["chunk_bytes"], "count": r["count"], "seconds": r["seconds"]})
     return tables
 
 
@@ -242,7 +240,7 @@ def build_profile(name: str, cal: dict, gather: dict) -> dict:
         "device": f"{env.get('device')} (driver {env.get('driver')}, CUDA {env.get('cuda')})",
         "provenance": (f"measured by runtime.calibrate on {env['date']}: torch {env['torch']}, triton {env['triton']}; "
                        "isolated operator microbenchmarks, CUDA-event medians; link tables from "
-                       "benchmarks/bench_gather.py (best kernel variant) in simulator chunk terms"),
+                       "benchmarks/bench_gather.py (best kernel variant) in runtime chunk terms"),
         "gpu_memory_bytes": total, "reserved_bytes": cal.get("reserved_bytes", 0),
         "hbm_Bps": c["hbm_Bps"], "matmul_flops": c["matmul_flops"], "vector_flops": c["vector_flops"],
         "launch_s": c["launch_s"], "h2d": h2d, "d2h": d2h,

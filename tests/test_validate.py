@@ -29,7 +29,7 @@ def test_runtime_loads_exactly_what_the_simulator_misses(report):
 
 
 def test_prediction_error_on_committed_measurements(report):
-    # Median |error| was 1.1% when committed; the 32K synthetic configurations are the known outliers (~11-14%).
+    # Median |error| was 0.9% when committed; the 32K synthetic configurations are the known outliers (~11-14%).
     assert report["median_abs_error"] < 0.03
     assert report["max_abs_error"] < 0.2
     assert "Median |error|" in to_markdown(report)
