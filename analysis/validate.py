@@ -34,7 +34,7 @@ def predict_run(run: dict, profile: str, traces: dict) -> dict:
     """Simulator prediction for one measured run (same trace, budgets, batch, model, policy)."""
     from nosasim.models import ReplayConfig
     from nosasim.batch import assemble_trace, per_layer_seq
-    from nosasim.sim import _selection_trace, predict, resolve, run_cache
+    from nosasim.sim import predict, resolve, run_cache, selection_trace
     from nosasim.trace import read_trace
 
     for field in ("model", "variant", "batch", "measured", "steps"):
@@ -60,7 +60,7 @@ def predict_run(run: dict, profile: str, traces: dict) -> dict:
     cfg, model, prof = resolve(trace, cfg)
     if cfg.offloaded:
         # Replay what the GPU replayed: the re-selected trace, assembled into the batch, every slot starting cold.
-        trace = assemble_trace(_selection_trace(trace, cfg), cfg.batch)
+        trace = assemble_trace(selection_trace(trace, cfg), cfg.batch)
     res = run_cache(trace, cfg)
     pred = predict(trace, cfg, check_memory=False, cache_result=res, resolved=(model, prof))
     # The runtime timed steps [lo, hi) of the assembled batch (after warm-up); compare the same window.
@@ -141,7 +141,7 @@ def plot(report: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     import io
 
-    from nosasim.sweep import atomic_write
+    from nosasim.atomic import atomic_write
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
@@ -162,7 +162,7 @@ def main(argv=None) -> int:
         return 2
     out = Path(args.out)
     stem = Path(args.measurements).stem.replace("e2e-", "validation-")
-    from nosasim.sweep import atomic_write
+    from nosasim.atomic import atomic_write
 
     atomic_write(out / f"{stem}.json", json.dumps(report, indent=1).encode())
     atomic_write(out / f"{stem}.md", to_markdown(report).encode())

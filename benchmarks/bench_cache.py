@@ -33,6 +33,7 @@ import numba  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from nosasim.atomic import atomic_write  # noqa: E402
 from nosasim.cache import POLICIES, simulate_arrays, simulate_cache  # noqa: E402
 from nosasim.trace import read_trace, write_trace  # noqa: E402
 from nosasim.trace.synth import synthesize  # noqa: E402
@@ -139,12 +140,7 @@ def main(argv=None) -> int:
         "runs": runs,
     }
     if not args.no_write:
-        os.makedirs(os.path.dirname(RESULTS), exist_ok=True)
-        tmp = RESULTS + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, RESULTS)
+        atomic_write(RESULTS, (json.dumps(report, indent=1) + "\n").encode())
         print(f"wrote {RESULTS}")
     return 0 if passed else 1
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from nosasim.atomic import atomic_write  # noqa: E402
 from nosasim.models import ReplayConfig  # noqa: E402
 from nosasim.trace import write_trace  # noqa: E402
 from nosasim.trace.synth import synthesize  # noqa: E402
@@ -108,10 +109,7 @@ def main() -> int:
     bench_replay(results)
     bench_sweep(results, args.workers)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=1) + "\n")
-    os.replace(tmp, out)
+    atomic_write(out, (json.dumps(results, indent=1) + "\n").encode())
     print(f"wrote {out}")
     return 0
 

@@ -21,7 +21,7 @@ def _figure():
 
 
 def _save(fig, path: str | Path) -> None:
-    from nosasim.sweep import atomic_write
+    from nosasim.atomic import atomic_write
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")

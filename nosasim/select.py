@@ -114,3 +114,16 @@ def reselect(trace: Trace, k: int, k_q: int | None = None, sink: int = 1, window
         provenance=prov, agnostic_score=agn, qaware_score=trace.qaware_score, attn_mass=trace.attn_mass,
         chunk_steps=trace.header.chunk_steps,
     )
+
+
+def for_budgets(trace: Trace, k: int, k_q: int, sink: int = 1, window: int = 16) -> Trace:
+    """The trace whose selections match budgets ``(k, k_q)`` (``k_q == k``: InfLLM-V2): the trace itself when it was
+    recorded with them, else a re-selection from its scores (a ValueError when it has none)."""
+    p = trace.header.selection
+    have = (p.k, p.k if p.k_q is None else p.k_q)
+    if have == (k, k_q):
+        return trace
+    if trace.qaware_score is None:
+        raise ValueError(f"--k/--kq: the trace holds selections for k={have[0]}, k_q={have[1]} and no scores to "
+                         f"re-select from, so it cannot replay k={k}, k_q={k_q}; use a score trace or matching budgets")
+    return reselect(trace, k, k_q if k_q < k else None, sink=sink, window=window)

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
-import tempfile
 from multiprocessing import get_context
 from pathlib import Path
 
+from nosasim.atomic import atomic_write
 from nosasim.cost import CLASSES
 from nosasim.memory import usable_bytes
 from nosasim.models import ReplayConfig
@@ -71,7 +70,7 @@ def _init_worker(trace_path: str):
 
 def run_group(cfgs: list[ReplayConfig], trace=None) -> list[dict]:
     """All points that share one cache configuration: one policy-engine run, then the analytic path per point."""
-    from nosasim.sim import _selection_trace, predict, resolve
+    from nosasim.sim import predict, resolve, selection_trace
 
     trace = trace if trace is not None else _TRACE
     cfg0, model, profile = resolve(trace, cfgs[0])
@@ -82,7 +81,7 @@ def run_group(cfgs: list[ReplayConfig], trace=None) -> list[dict]:
         key = (id(trace), cfg0.k, cfg0.k_q, cfg0.sink, cfg0.window)
         if key not in _SELECTIONS:  # re-selection is shared by every capacity and policy of one budget
             _SELECTIONS.clear()
-            _SELECTIONS[key] = _selection_trace(trace, cfg0)
+            _SELECTIONS[key] = selection_trace(trace, cfg0)
         sel_trace = _SELECTIONS[key]
         cache = simulate_cache(sel_trace, cfg0.policy, cfg0.capacity)
     recall = _recall(sel_trace)
@@ -155,18 +154,3 @@ def write_csv(path: str | Path, rows: list[dict]) -> None:
     for r in rows:
         w.writerow({k: "" if r.get(k) is None else r.get(k) for k in COLUMNS})
     atomic_write(path, buf.getvalue().encode())
-
-
-def atomic_write(path: str | Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, then rename: readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from nosasim.batch import assemble_trace
-from nosasim.select import reselect
+from nosasim.select import for_budgets
 from nosasim.trace import read_trace
 from nosasim.trace.synth import synthesize
 
@@ -61,9 +61,8 @@ def load_source(source):
 def assemble(trace, variant: str, batch: int, k, k_q):
     """Selections ``[steps, L, H, batch, k]`` and contexts ``[steps, batch]``, re-selected for the budgets and
     assembled by ``nosasim.batch.assemble_trace``, exactly as ``analysis.validate`` replays them."""
-    p = trace.header.selection
-    if variant != "dense" and (p.k, p.k if p.k_q is None else p.k_q) != (k, k_q):
-        trace = reselect(trace, k, k_q if k_q < k else None, sink=1, window=16)
+    if variant != "dense":
+        trace = for_budgets(trace, k, k_q, sink=1, window=16)
     batch_trace = assemble_trace(trace, batch)
     return (batch_trace.sel if variant != "dense" else None), batch_trace.context_len, batch_trace
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import platform
 import statistics
 import subprocess
 
 import torch
+
+from nosasim.atomic import atomic_write
 
 
 def time_cuda(fn, reps: int = 20, warmup: int = 3, setup=None) -> float:
@@ -72,9 +73,5 @@ def environment() -> dict:
 
 
 def write_json(path: str, data: dict) -> None:
-    """Write to a temporary name in the same folder, then rename: never a half-written result."""
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
+    """Write atomically: never a half-written result."""
+    atomic_write(path, json.dumps(data, indent=1).encode())

@@ -16,13 +16,13 @@ import os
 import platform
 import sys
 import sysconfig
-import tempfile
 import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from nosasim.atomic import atomic_path
 from nosasim.cli.cmd_reselect import sidecar_path
 from nosasim.select import check_budget, select_blocks
 from nosasim.trace import ModelShape, SelectionParams, Trace, write_trace
@@ -143,16 +143,8 @@ def _version(name: str) -> str:
 
 def write_statics(path: str, statics: dict) -> None:
     """Write the proxies' static scores atomically (temporary file in the same folder, then rename)."""
-    fd, tmp = tempfile.mkstemp(prefix=".agnostic-", suffix=".npz", dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".npz") as tmp:  # savez keeps a name that already ends in .npz
         np.savez_compressed(tmp, **{k: v.astype(np.float32) for k, v in statics.items()})
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the sidecar is data meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def load_text(relpath: str, start_char: int, n_tokens: int, tokenizer):

@@ -16,7 +16,8 @@ LISTED = ("variant", "k", "k_q", "capacity", "policy", "batch", "microbatches")
 def _run(args) -> int:
     from nosasim.plot import plot_sweep
     from nosasim.sim import resolve
-    from nosasim.sweep import atomic_write, expand, pareto, run_sweep, write_csv
+    from nosasim.atomic import atomic_write
+    from nosasim.sweep import expand, pareto, run_sweep, write_csv
     from nosasim.trace import TraceReader, read_trace
 
     path = Path(args.trace) if args.trace else default_trace()

@@ -21,7 +21,7 @@ from nosasim.memory import check_fits, footprint, host_kv_bytes, max_batch
 from nosasim.models import ModelSpec, ReplayConfig, load_model, presets
 from nosasim.sim.schedule import SimResult, StepInputs, program
 
-__all__ = ["Prediction", "StepInputs", "SimResult", "build_inputs", "predict", "program", "resolve", "run_cache"]
+__all__ = ["Prediction", "StepInputs", "SimResult", "build_inputs", "predict", "program", "resolve", "run_cache", "selection_trace"]
 
 
 def _preset_for(shape) -> str:
@@ -55,20 +55,11 @@ def resolve(trace, cfg: ReplayConfig) -> tuple[ReplayConfig, ModelSpec, Profile]
     return cfg, model, load_profile(cfg.profile)
 
 
-def _selection_trace(trace, cfg: ReplayConfig):
-    """The trace whose selections match the config's budgets: the trace itself, or a re-selection from its scores."""
-    sel = trace.header.selection
-    have = (sel.k, sel.k if sel.k_q is None else sel.k_q)
-    want = (cfg.k, cfg.k_q)
-    if have == want:
-        return trace
-    if trace.qaware_score is None:
-        raise ValueError(f"--k/--kq: the trace holds selections for k={have[0]}, k_q={have[1]} and no scores to "
-                         f"re-select from, so it cannot replay k={want[0]}, k_q={want[1]}; use a score trace or "
-                         f"matching budgets")
-    from nosasim.select import reselect
+def selection_trace(trace, cfg: ReplayConfig):
+    """The trace whose selections match the config's budgets (see ``nosasim.select.for_budgets``)."""
+    from nosasim.select import for_budgets
 
-    return reselect(trace, cfg.k, cfg.k_q if cfg.k_q < cfg.k else None, sink=cfg.sink, window=cfg.window)
+    return for_budgets(trace, cfg.k, cfg.k_q, sink=cfg.sink, window=cfg.window)
 
 
 def run_cache(trace, cfg: ReplayConfig):
@@ -77,7 +68,7 @@ def run_cache(trace, cfg: ReplayConfig):
         return None
     from nosasim.cache.simulate import simulate_cache
 
-    return simulate_cache(_selection_trace(trace, cfg), cfg.policy, cfg.capacity)
+    return simulate_cache(selection_trace(trace, cfg), cfg.policy, cfg.capacity)
 
 
 def build_inputs(cost: CostModel, context: np.ndarray, misses: np.ndarray, writebacks: np.ndarray,
@@ -86,7 +77,7 @@ def build_inputs(cost: CostModel, context: np.ndarray, misses: np.ndarray, write
     blocks per layer and sequence (already summed over the target's KV heads)."""
     steps, batch = context.shape
     groups = microbatch_groups(batch, microbatches)
-    pre, post, pre_cls, post_cls = [], [], [], []
+    pre_cls, post_cls = [], []
     step_pre_ops, step_post_ops = [], []
     for g in groups:
         ops_pre, ops_post = cost.layer_ops(len(g), context[:, g].sum(axis=1))

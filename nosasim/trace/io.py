@@ -9,13 +9,13 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 import zipfile
 from typing import Iterator
 from zlib import error as zlib_error
 
 import numpy as np
 
+from ..atomic import atomic_path
 from .codec import decode_chunk, encode_chunk
 from .header import TraceHeader
 from .model import Trace, check_context_len, check_selection
@@ -43,11 +43,7 @@ def write_trace(path: str | os.PathLike, trace: Trace, chunk_steps: int | None =
         header = header.replace(chunk_steps=chunk_steps)
     if trace.step0 != 0 or header.steps != trace.steps:
         raise ValueError("write_trace needs a whole trace, not a step range of one")
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".nosatrace-", suffix=".tmp", dir=folder)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as zf:
             zf.writestr("header.json", json.dumps(header.to_dict(), indent=1))
             _write_npy(zf, member("context_len"), trace.context_len.astype(np.int32))
@@ -63,15 +59,6 @@ def write_trace(path: str | os.PathLike, trace: Trace, chunk_steps: int | None =
                     arr = getattr(trace, name)
                     if arr is not None:
                         _write_npy(zf, member(name, c), arr[lo:hi].astype(np.float16))
-        # mkstemp creates 0600 files; a trace is data to share, so give it the usual umask-based mode.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
     return os.path.getsize(path)
 
 
