@@ -4,6 +4,10 @@ Run: ``PYTHONPATH=. python benchmarks/bench_gather.py [out.json]``. Chunks are 8
 K plus V at head dim 32, 64, 128 in bf16), drawn at random from a 4 GiB pinned buffer, with fresh indices on every
 repetition so nothing is served from the GPU's L2. Each kernel variant (programs per chunk, warps) is timed; the
 runtime uses the best one. The target: >= 90% of the pinned memcpy peak for >= 1,024 chunks.
+
+Two timings: one gather per graph replay (the graph launch and the kernel's ramp-up are in every sample), and
+gathers back to back in one graph (``in_stream``: what each of a decode step's per-layer gathers costs), the latter
+also over the runtime's sparse launch grid, where most entries are hits that exit at once.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from runtime.timing import environment, time_cuda, write_json
 CHUNKS = (8192, 16384, 32768)
 COUNTS = (256, 1024, 4096, 16384)
 VARIANTS = ((1, 4), (1, 8), (2, 4), (4, 4))  # (programs per chunk, warps)
+PERSISTENT = (0, 66, 132, 264)  # persistent programs looping over the entries (0: one program per entry)
 
 
 def memcpy_peaks(dev="cuda") -> dict:
@@ -71,6 +76,46 @@ def sweep(host_bytes: int = 4 << 30, dev="cuda", variants=VARIANTS, chunks=CHUNK
     return rows
 
 
+def in_stream(host_bytes: int = 4 << 30, dev="cuda", chunks=CHUNKS, count: int = 1024, per_graph: int = 8,
+              holes: int = 1, reps: int = 15, split: int = 1, warps: int = 4, programs=PERSISTENT) -> list[dict]:
+    """Per-gather seconds when ``per_graph`` gathers run back to back in one graph, as the 32 layers' gathers of a
+    decode step do: the graph launch and the first kernel's start are paid once, not per gather. With ``holes`` >
+    1 each gather is launched as the runtime launches it, over a grid of ``holes * count`` entries of which only
+    ``count`` are valid (the rest are -1, the hits), so the cost of programs that exit at once is included."""
+    host = torch.empty(host_bytes // 4, dtype=torch.int32, pin_memory=True)
+    host.view(torch.uint8)[:: 4096].fill_(7)
+    g = torch.Generator(device=dev).manual_seed(1)
+    rows = []
+    for cb in chunks:
+        n_host = host_bytes // cb
+        dev_buf = torch.empty(per_graph * count * cb // 4, dtype=torch.int32, device=dev)
+        width = holes * count
+        src = [torch.full((width,), -1, dtype=torch.int64, device=dev) for _ in range(per_graph)]
+        dst = [torch.full((width,), -1, dtype=torch.int64, device=dev) for _ in range(per_graph)]
+
+        def refill(_i):
+            for j in range(per_graph):  # fresh random chunks at random grid positions for every replay
+                pos = torch.randperm(width, generator=g, device=dev)[:count]
+                src[j].fill_(-1).scatter_(0, pos, torch.randperm(n_host, generator=g, device=dev)[:count])
+                dst[j].fill_(-1).scatter_(0, pos, j * count + torch.arange(count, device=dev))
+
+        refill(0)
+        for p in programs:
+            fn = lambda: [copy_chunks(host, dev_buf, src[j], dst[j], cb, split=split, num_warps=warps,  # noqa: E731
+                                      programs=p) for j in range(per_graph)]
+            fn()
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+            t = time_cuda(graph.replay, reps=reps, warmup=2, setup=refill) / per_graph
+            rows.append({"direction": "h2d", "chunk_bytes": cb, "count": count, "grid": width,
+                         "per_graph": per_graph, "split": split, "num_warps": warps, "programs": p, "seconds": t,
+                         "Bps": count * cb / t, "timing": f"{per_graph} gathers per cuda graph replay, per gather"})
+        del dev_buf
+    return rows
+
+
 def summarize(rows: list[dict], peaks: dict) -> list[dict]:
     """Best variant per (direction, chunk, count) and its share of the same run's memcpy peak."""
     best = {}
@@ -96,6 +141,9 @@ def run(out_path: str | None = None, experiments: bool = True) -> dict:
         exp = {}
         seq = sweep(sequential=True, variants=((1, 4), (1, 8)), directions=("h2d",))
         exp["sequential_best"] = summarize(seq, peaks)
+        peak = peaks["h2d_memcpy_1GiB_Bps"]
+        for name, kw in (("in_stream", {}), ("in_stream_holes20", {"holes": 20})):
+            exp[name] = [dict(r, pct_of_memcpy_peak=100 * r["Bps"] / peak) for r in in_stream(**kw)]
         res["experiments"] = exp
     if out_path:
         write_json(out_path, res)
@@ -110,6 +158,11 @@ def table(res: dict) -> str:
         lines.append(f"{r['direction']}  {r['chunk_bytes'] // 1024:3d}K  {r['count']:6d}  {r['Bps'] / 1e9:5.1f}  "
                      f"{r['pct_of_memcpy_peak']:5.1f}  {r['split']:4d}  {r['num_warps']:4d}")
     exp = res.get("experiments", {})
+    for name in ("in_stream", "in_stream_holes20"):
+        for r in exp.get(name, []):
+            lines.append(f"{name:17s} h2d {r['chunk_bytes'] // 1024:3d}K x {r['count']} (grid {r['grid']}, "
+                         f"persistent {r['programs']}): "
+                         f"{r['Bps'] / 1e9:5.1f} GB/s {r['pct_of_memcpy_peak']:5.1f}% of peak")
     for name in ("sequential_best",):
         if name in exp:
             lines.append(name + " h2d %peak by (chunk K, count): " + ", ".join(

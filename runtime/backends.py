@@ -9,11 +9,17 @@
 
 Per-step values shared by all layers (positions, tails, which tails completed) are computed once in
 ``begin_step`` from device tensors, so a captured CUDA graph replays them correctly at every step.
+
+Each layer's attention is two halves, ``prepare`` (everything up to issuing the transfers) and ``finish`` (wait for
+them, attend), over a *part*: the rows of a contiguous group of sequences. ``attend`` runs both over all rows. The
+decoder's micro-batch schedule (``runtime.model``) calls the halves per part, so one micro-batch's transfers run
+on a copy stream while the others compute: the overlap that ``nosasim``'s schedule models. Per-row state (score
+state, block table, pool) is sliced by row, as views, so a part's updates land in the shared tensors.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +50,21 @@ class _Base:
         self.rows = torch.arange(self.R, device=device)
         self.row_seq = self.rows // self.H
         self.tok = torch.arange(cfg.block_size, device=device)
+        self.all_rows = slice(0, self.R)
+        self.pending: dict[int, tuple] = {}
+
+    def part_rows(self, b0: int, b1: int) -> slice:
+        """Rows of sequences ``b0 .. b1 - 1`` (rows are sequence-major)."""
+        return slice(b0 * self.H, b1 * self.H)
+
+    def attend(self, layer, q, k, v, lw, rows: slice | None = None):
+        """Both halves at once: attention output ``[rows, G, D]`` of the new token."""
+        rows = self.all_rows if rows is None else rows
+        self.prepare(layer, rows, q, k, v, lw)
+        return self.finish(layer, rows)
+
+    def end_step(self) -> None:
+        """Join side streams into the compute stream (a captured graph must end on one stream)."""
 
     def begin_step(self) -> torch.Tensor:
         st, bs = self.state, self.cfg.block_size
@@ -71,13 +92,18 @@ class DenseBackend(_Base):
             self.pool[layer].normal_(generator=g)
         self.slots = torch.arange(cfg.n_blocks, device=device).expand(self.R, -1).contiguous()
 
-    def attend(self, layer, q, k, v, lw):
-        pool = self.pool[layer]
-        pool[self.rows, self.tail, 0, self.fill - 1] = k
-        pool[self.rows, self.tail, 1, self.fill - 1] = v
-        lens = torch.where(self.slots < self.tail[:, None], self.cfg.block_size,
-                           torch.where(self.slots == self.tail[:, None], self.fill[:, None], 0)).int()
-        return sparse_decode_attention(q, pool, AttentionPlan(self.slots, lens, self.slots))
+    def prepare(self, layer, rows: slice, q, k, v, lw) -> None:
+        pool, tail, fill = self.pool[layer], self.tail[rows], self.fill[rows]
+        pool[self.rows[rows], tail, 0, fill - 1] = k
+        pool[self.rows[rows], tail, 1, fill - 1] = v
+        self.pending[rows.start] = (q,)
+
+    def finish(self, layer, rows: slice):
+        (q,) = self.pending.pop(rows.start)
+        slots, tail, fill = self.slots[rows], self.tail[rows], self.fill[rows]
+        lens = torch.where(slots < tail[:, None], self.cfg.block_size,
+                           torch.where(slots == tail[:, None], fill[:, None], 0)).int()
+        return sparse_decode_attention(q, self.pool[layer][rows], AttentionPlan(slots, lens, slots))
 
 
 class OffloadBackend(_Base):
@@ -107,6 +133,9 @@ class OffloadBackend(_Base):
         self.loaded = torch.zeros((cfg.steps, s.layers, self.R), dtype=torch.int32, device=device)
         self.chunk = cfg.block_bytes()
         self.record: list | None = None
+        # A copy stream only when micro-batches can overlap; with one part everything stays in stream order.
+        self.copy_stream = (torch.cuda.Stream(device) if cfg.microbatches > 1 and torch.device(device).type == "cuda"
+                            else None)
 
     def prefill(self, weights, exact: bool, seed: int = 0) -> None:
         """Scoring state of the prompt and the partial tail block into the tail slot. ``exact`` derives the scoring
@@ -120,7 +149,8 @@ class OffloadBackend(_Base):
                         self.chunk)
             sc = self.scores
             if exact:
-                rows_kv = self.host.layer(layer).flatten(0, 1)[self.row_base // self.host.kv.shape[3]].to(self.device)
+                host_rows = (self.row_base // self.host.kv.shape[3]).to(self.host.kv.device)  # index where the store is
+                rows_kv = self.host.layer(layer).flatten(0, 1)[host_rows].to(self.device)
                 keys = rows_kv[:, :, 0].flatten(1, 2)[:, :P]
                 vals = rows_kv[:, :, 1].flatten(1, 2)[:, :P]
                 cis = self._cis(weights.layers[layer], vals) if sc.cis is not None else None
@@ -133,58 +163,114 @@ class OffloadBackend(_Base):
                     sc.cscore[layer].normal_(generator=g)
                     sc.static[layer].normal_(generator=g)
 
-    def _cis(self, lw, v: torch.Tensor) -> torch.Tensor:
-        """NOSA eviction score ``A_h * softplus(W_h . v)`` of values ``v [R, ..., D]`` (row = seq * H + head)."""
-        h = self.rows % self.H
-        w = lw.evict_w[h].view(self.R, *([1] * (v.dim() - 2)), -1)
-        return lw.evict_a[h].view(self.R, *([1] * (v.dim() - 2))) * F.softplus((v.float() * w).sum(-1))
+    def _cis(self, lw, v: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
+        """NOSA eviction score ``A_h * softplus(W_h . v)`` of values ``v [rows, ..., D]`` (row = seq * H + head)."""
+        rows = self.all_rows if rows is None else rows
+        h = self.rows[rows] % self.H
+        n = h.shape[0]
+        w = lw.evict_w[h].view(n, *([1] * (v.dim() - 2)), -1)
+        return lw.evict_a[h].view(n, *([1] * (v.dim() - 2))) * F.softplus((v.float() * w).sum(-1))
 
-    def select(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+    def select(self, layer: int, q: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
         cfg = self.cfg
+        rows = self.all_rows if rows is None else rows
         sel = None
         if cfg.variant in ("infllmv2", "nosa"):
-            qs = qaware_block_scores(self.scores, layer, q, self.ctx_rows, cfg.n_blocks)
-            agn = self.scores.static[layer, :, : cfg.n_blocks] if cfg.variant == "nosa" else None
-            sel = select_blocks_gpu(qs, self.ctx_rows, k=cfg.k, k_q=cfg.k_q, sink=cfg.sink, window=cfg.window,
+            sc = _rows_of(self.scores, rows)
+            qs = qaware_block_scores(sc, layer, q, self.ctx_rows[rows], cfg.n_blocks)
+            agn = sc.static[layer, :, : cfg.n_blocks] if cfg.variant == "nosa" else None
+            sel = select_blocks_gpu(qs, self.ctx_rows[rows], k=cfg.k, k_q=cfg.k_q, sink=cfg.sink, window=cfg.window,
                                     block_size=cfg.block_size, agnostic=agn)
         if self.trace_sel is not None:  # trace variant, or replay of realistic selections after the real scoring
             T, Lt, Ht, Bt, K = self.trace_sel.shape
-            rows = self.trace_sel[:, layer % Lt].index_select(0, self.state.step.clamp(max=T - 1).view(1))[0]
-            sel = rows[(self.rows % self.H) % Ht, self.row_seq % Bt].long()
-        return torch.where(sel == self.tail[:, None], -1, sel)
+            step_sel = self.trace_sel[:, layer % Lt].index_select(0, self.state.step.clamp(max=T - 1).view(1))[0]
+            sel = step_sel[(self.rows[rows] % self.H) % Ht, self.row_seq[rows] % Bt].long()
+        return torch.where(sel == self.tail[rows, None], -1, sel)
 
-    def attend(self, layer, q, k, v, lw):
+    def prepare(self, layer, rows: slice, q, k, v, lw) -> None:
+        """Score the new token, select, update the block table, and issue the part's transfers (on the copy stream
+        when there is one)."""
         cfg, C = self.cfg, self.C
-        cis = self._cis(lw, v) if self.scores.cis is not None else None
-        old_tail = self.tail - 1
-        append_token(self.scores, layer, self.pos, k if self.scores.ckeys is not None else None, cis,
-                     self.tail_done, old_tail)
-        sel = self.select(layer, q)
-        plan = update_table(self.table, layer, sel, self.state.step, self.tail_done, old_tail)
-        self.loaded[:, layer].index_copy_(0, self.state.step.view(1), plan.n_miss.int()[None])
-        pool, host = self.pool[layer], self.host.layer(layer)
-        tail_slot = self.slot_base + C
+        sc = _rows_of(self.scores, rows)
+        pos, tail, tail_done = self.pos[rows], self.tail[rows], self.tail_done[rows]
+        cis = self._cis(lw, v, rows) if sc.cis is not None else None
+        old_tail = tail - 1
+        append_token(sc, layer, pos, k if sc.ckeys is not None else None, cis, tail_done, old_tail)
+        sel = self.select(layer, q, rows)
+        plan = update_table(_rows_of(self.table, rows), layer, sel, self.state.step, tail_done, old_tail)
+        self.loaded[:, layer, rows].index_copy_(0, self.state.step.view(1), plan.n_miss.int()[None])
+        row_base, slot_base = self.row_base[rows], self.slot_base[rows]
+        tail_slot = slot_base + C
+        # Index lists are made here, on the compute stream, and kept alive in ``pending`` until ``finish`` has
+        # waited for the copies: the allocator can't hand their memory to other work while a copy still reads it.
+        idx = (tail_slot, torch.where(tail_done, row_base + old_tail, -1),
+               torch.where(plan.tail_dst >= 0, slot_base + plan.tail_dst, -1),
+               torch.where(plan.miss, row_base[:, None] + sel, -1), slot_base[:, None] + plan.sel_slot)
+        done = None
         if self.copies:
-            # Order matters: the completed tail leaves the tail slot (to the host, and to a regular slot if kept)
-            # before the new token overwrites it; misses go to slots nothing else reads this step.
-            copy_chunks(pool, host, tail_slot, torch.where(self.tail_done, self.row_base + old_tail, -1), self.chunk)
-            copy_chunks(pool, pool, tail_slot, torch.where(plan.tail_dst >= 0, self.slot_base + plan.tail_dst, -1),
-                        self.chunk)
-            copy_chunks(host, pool, torch.where(plan.miss, self.row_base[:, None] + sel, -1),
-                        self.slot_base[:, None] + plan.sel_slot, self.chunk)
-        pool[self.rows, C, 0, self.fill - 1] = k
-        pool[self.rows, C, 1, self.fill - 1] = v
+            pool, host = self.pool[layer], self.host.layer(layer)
+            if self.copy_stream is not None:
+                self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+                done = torch.cuda.Event()
+                with torch.cuda.stream(self.copy_stream):
+                    self._issue_copies(pool, host, idx)
+                    done.record(self.copy_stream)
+            else:
+                self._issue_copies(pool, host, idx)
+        self.pending[rows.start] = (q, k, v, sel, plan, idx, done)
+
+    def _issue_copies(self, pool, host, idx) -> None:
+        # Order matters: the completed tail leaves the tail slot (to the host, and to a regular slot if kept)
+        # before the new token overwrites it (in ``finish``); misses go to slots nothing else reads this step.
+        tail_slot, wb_dst, move_dst, miss_src, miss_dst = idx
+        kw = {"programs": self.cfg.gather_programs}
+        copy_chunks(pool, host, tail_slot, wb_dst, self.chunk, **kw)
+        copy_chunks(pool, pool, tail_slot, move_dst, self.chunk, **kw)
+        copy_chunks(host, pool, miss_src, miss_dst, self.chunk, **kw)
+
+    def finish(self, layer, rows: slice):
+        """Wait for the part's transfers, write the new token into the tail slot, attend."""
+        cfg, C = self.cfg, self.C
+        q, k, v, sel, plan, _, done = self.pending.pop(rows.start)
+        if done is not None:
+            torch.cuda.current_stream(self.device).wait_event(done)
+        pool = self.pool[layer]
+        r, tail, fill, pos = self.rows[rows], self.tail[rows], self.fill[rows], self.pos[rows]
+        pool[r, C, 0, fill - 1] = k
+        pool[r, C, 1, fill - 1] = v
         if self.record is not None:
-            self.record.append((layer, self.pos.clone(), k.clone(), v.clone()))
+            self.record.append((layer, pos.clone(), k.clone(), v.clone()))
         bs = cfg.block_size
         aplan = AttentionPlan(
-            torch.cat([plan.sel_slot, torch.full_like(self.tail, C)[:, None]], 1),
-            torch.cat([torch.where(sel >= 0, bs, 0), self.fill[:, None]], 1).int(),
-            torch.cat([sel, self.tail[:, None]], 1))
-        return sparse_decode_attention(q, pool, aplan, self.scores.cis[layer] if cfg.variant == "nosa" else None)
+            torch.cat([plan.sel_slot, torch.full_like(tail, C)[:, None]], 1),
+            torch.cat([torch.where(sel >= 0, bs, 0), fill[:, None]], 1).int(),
+            torch.cat([sel, tail[:, None]], 1))
+        bias = self.scores.cis[layer, rows] if cfg.variant == "nosa" else None
+        return sparse_decode_attention(q, pool[rows], aplan, bias)
+
+    def end_step(self) -> None:
+        if self.copy_stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
 
     def flush(self) -> None:
         """Write every partial tail to the host store (tests: the store then holds the whole history)."""
         for layer in range(self.cfg.shape.layers):
             copy_chunks(self.pool[layer], self.host.layer(layer), self.slot_base + self.C,
                         self.row_base + self.tail, self.chunk)
+
+
+def _rows_of(state, rows: slice):
+    """The same state (``ScoreState`` or ``BlockTable``) restricted to ``rows``: every ``[L, R, ...]`` tensor sliced
+    along R as a view, so in-place updates of the part update the whole."""
+    if rows.start == 0 and rows.stop == state_rows(state):
+        return state
+    return replace(state, **{f.name: getattr(state, f.name)[:, rows] for f in fields(state)
+                             if isinstance(getattr(state, f.name), torch.Tensor)})
+
+
+def state_rows(state) -> int:
+    for f in fields(state):
+        t = getattr(state, f.name)
+        if isinstance(t, torch.Tensor):
+            return t.shape[1]
+    return 0

@@ -13,6 +13,9 @@ int64 so that one sort per row ranks all candidates:
 Block ids are below 2^16 (the trace format stores int16 ids), steps below 2^31 and counts below 2^16.
 Per-block statistics (``last``, ``count``) live in ``[rows, n_blocks + 1]`` tensors whose extra column is a
 scratch target for masked-out scatters: writing "nowhere" without a branch or a boolean index.
+
+On CUDA, ``update_table`` runs all of this as one Triton launch, one program per row (``runtime/table_kernel.py``);
+the torch ops below stay as the reference and the CPU path, and the tests hold the two to identical results.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from . import table_kernel
 
 INT64_MAX = torch.iinfo(torch.int64).max
 INT64_MIN = torch.iinfo(torch.int64).min
@@ -36,10 +41,10 @@ class BlockTable:
     policy: str
 
     @classmethod
-    def allocate(cls, layers: int, rows: int, capacity: int, n_blocks: int, policy: str, device) -> "BlockTable":
+    def allocate(cls, layers: int, rows: int, capacity: int, n_blocks: int, policy: str, device) -> BlockTable:
         if n_blocks >= 1 << 16:
             raise ValueError(f"block table: {n_blocks} blocks per row do not fit 16-bit block ids")
-        z = dict(dtype=torch.int64, device=device)
+        z = {"dtype": torch.int64, "device": device}
         static = torch.full((layers, rows, n_blocks + 1), float("nan"), device=device) if policy == "static" else None
         return cls(torch.full((layers, rows, capacity), -1, **z), torch.full((layers, rows, n_blocks + 1), -1, **z),
                    torch.zeros((layers, rows, n_blocks + 1), **z), static, policy)
@@ -82,14 +87,21 @@ def keep_key(table: BlockTable, layer: int, cand: torch.Tensor) -> torch.Tensor:
 
 
 def update_table(table: BlockTable, layer: int, sel: torch.Tensor, step: torch.Tensor, tail_done: torch.Tensor,
-                 old_tail: torch.Tensor, check: bool = False) -> UpdatePlan:
+                 old_tail: torch.Tensor, check: bool = False, use_triton: bool | None = None) -> UpdatePlan:
     """Advance one layer's table by one decode step.
 
-    ``sel`` int [R, K]: selected complete blocks (-1 padded; tail ids must already be dropped). ``step``: 0-d int64
-    tensor, the step index. ``tail_done`` bool [R]: the previous step's tail completed at this step (it is then a
-    free candidate, already in the tail slot). ``old_tail`` int64 [R]: that block's id. ``check`` syncs with the
-    host to verify invariants (tests only).
+    ``sel`` int [R, K]: selected complete blocks (-1 padded, distinct; tail ids must already be dropped). ``step``:
+    0-d int64 tensor, the step index. ``tail_done`` bool [R]: the previous step's tail completed at this step (it is
+    then a free candidate, already in the tail slot). ``old_tail`` int64 [R]: that block's id. ``check`` syncs with
+    the host to verify invariants (tests only). ``use_triton``: one kernel launch (``runtime.table_kernel``) instead
+    of the torch ops below; None picks it when triton is importable and the table is on CUDA. Both give the same
+    state and plan bit for bit as long as every selection fits (``|S_t| <= C``). The table's tensors may be views
+    of a row slice (``t[:, r0:r1]``) on either path.
     """
+    if use_triton is None:
+        use_triton = table_kernel.triton is not None and table.slot_block.is_cuda
+    if use_triton:
+        return _update_table_triton(table, layer, sel, step, tail_done, old_tail, check)
     slot_block = table.slot_block[layer]
     R, C = slot_block.shape
     nb = table.last.shape[-1] - 1
@@ -141,8 +153,20 @@ def update_table(table: BlockTable, layer: int, sel: torch.Tensor, step: torch.T
     return UpdatePlan(sel_slot, miss, tail_dst, n_miss)
 
 
+def _update_table_triton(table: BlockTable, layer: int, sel: torch.Tensor, step: torch.Tensor,
+                         tail_done: torch.Tensor, old_tail: torch.Tensor, check: bool) -> UpdatePlan:
+    static = table.static[layer] if table.static is not None else None
+    sel_slot, miss, tail_dst, n_miss, bad = table_kernel.launch_update(
+        table.slot_block[layer], table.last[layer], table.count[layer], static, table.policy, sel, step, tail_done,
+        old_tail, check=check)
+    if check and bool(bad.any()):
+        raise RuntimeError("block table: more incoming blocks than free slots, a bug (or C < |S_t|)")
+    return UpdatePlan(sel_slot, miss, tail_dst, n_miss)
+
+
 def replay_misses(sel: torch.Tensor, context_len: torch.Tensor, policy: str, capacity: int, block_size: int = 64,
-                  static: torch.Tensor | None = None, check: bool = False) -> torch.Tensor:
+                  static: torch.Tensor | None = None, check: bool = False,
+                  use_triton: bool | None = None) -> torch.Tensor:
     """Drive the table alone through a selection trace: misses per step, ``int64 [T, L, H, B]``.
 
     ``sel`` int [T, L, H, B, K] and ``context_len`` int [T, B] as in a nosasim trace (on the device to run on);
@@ -167,6 +191,6 @@ def replay_misses(sel: torch.Tensor, context_len: torch.Tensor, policy: str, cap
         for layer in range(L):
             s = sel[t, layer].permute(1, 0, 2).reshape(B * H, K).long()  # rows = seq * H + head
             s = torch.where(s == tail[:, None], -1, s)
-            plan = update_table(table, layer, s, step, tail_done, tail - 1, check=check)
+            plan = update_table(table, layer, s, step, tail_done, tail - 1, check=check, use_triton=use_triton)
             out[t, layer] = plan.n_miss.view(B, H).T
     return out

@@ -23,7 +23,10 @@ class RuntimeConfig:
 
     ``context`` is the prompt length: at the first decode step the cache holds ``context + 1`` tokens (the new one
     included), as in the trace format. ``capacity`` is ``C``, the GPU slots for complete blocks per (layer, KV head,
-    sequence); the tail has its own slot. ``host_seqs`` < ``batch`` lets sequences share host rows (benchmarks only:
+    sequence); the tail has its own slot. ``microbatches`` splits the batch into contiguous, nearly equal groups of
+    sequences whose transfers overlap the other groups' compute (``nosasim.batch.microbatch_groups``);
+    ``gather_programs`` > 0 runs the copies as that many persistent programs (``runtime.gather``), which leaves the
+    SMs to the overlapping compute. ``host_seqs`` < ``batch`` lets sequences share host rows (benchmarks only:
     the bytes moved are the same, the host store's contents are not meaningful).
     """
 
@@ -43,6 +46,8 @@ class RuntimeConfig:
     host_seqs: int | None = None
     compress_size: int = 32
     compress_stride: int = 16
+    microbatches: int = 1
+    gather_programs: int = 0
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -67,6 +72,11 @@ class RuntimeConfig:
         if self.capacity is not None and self.capacity < self.k - 1:
             raise ValueError(f"RuntimeConfig.capacity ({self.capacity}) must be >= k - 1 ({self.k - 1}): every "
                              f"selected complete block needs a slot")
+        if self.gather_programs < 0:
+            raise ValueError(f"RuntimeConfig.gather_programs must be >= 0 (0: a program per entry), got "
+                             f"{self.gather_programs}")
+        if not 1 <= self.microbatches <= self.batch:
+            raise ValueError(f"RuntimeConfig.microbatches must lie in [1, batch={self.batch}], got {self.microbatches}")
         if self.host_seqs is not None and not 1 <= self.host_seqs <= self.batch:
             raise ValueError(f"RuntimeConfig.host_seqs must lie in [1, batch], got {self.host_seqs}")
         if self.block_size % self.compress_stride or self.compress_size != 2 * self.compress_stride:

@@ -68,7 +68,7 @@ class Runner:
             self.backend = DenseBackend(cfg, device, seed + 1)
         tokens = torch.randint(0, cfg.shape.vocab, (cfg.batch,), device=device,
                                generator=torch.Generator(device=device).manual_seed(seed + 3))
-        self.decoder = Decoder(cfg.shape, self.weights, self.backend, tokens)
+        self.decoder = Decoder(cfg.shape, self.weights, self.backend, tokens, microbatches=cfg.microbatches)
         self.graph = None
         self.steps_done = 0
 

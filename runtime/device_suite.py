@@ -1,6 +1,7 @@
 """The one script each device call runs: GPU tests, gather benchmark, decode benchmark, calibration, peer baseline.
 
-``PYTHONPATH=. python -m runtime.device_suite --out $OUT --stages tests,gather,decode,calib,peer --budget 540``.
+``PYTHONPATH=. python -m runtime.device_suite --out $OUT --stages tests,gather,decode,calib,peer --budget 540``;
+a stage ``bench:NAME`` runs ``benchmarks/bench_NAME.py``, and ``--e2e`` picks end-to-end configurations by name.
 Every stage writes its JSON under ``--out`` as soon as it ends (a stage that fails or runs out of time loses only
 itself), and a short table is printed last.
 """
@@ -26,6 +27,7 @@ def main(argv=None) -> int:
     ap.add_argument("--contexts", default="16384,32768")
     ap.add_argument("--batches", default="16,0,64,32,8", help="0: each variant's largest batch")
     ap.add_argument("--peer", default="8,16384")
+    ap.add_argument("--e2e", default="", help="comma-separated name fragments: run only matching e2e configs")
     ap.add_argument("--gather-json", default=None, help="an earlier gather result for the profile's link tables")
     a = ap.parse_args(argv)
     t0 = time.time()
@@ -42,7 +44,8 @@ def main(argv=None) -> int:
         ts = time.time()
         try:
             if stage == "tests":
-                files = sorted(f"tests/{f}" for f in os.listdir("tests") if f.startswith("test_runtime_"))
+                files = sorted(f"tests/{f}" for f in os.listdir("tests")
+                               if f.startswith("test_runtime_") or (f.startswith("test_") and "kernel" in f))
                 p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
                                     *files], capture_output=True, text=True, timeout=max(30, min(240, left() - 10)))
                 with open(os.path.join(a.out, "gpu_tests.log"), "w") as f:
@@ -50,6 +53,12 @@ def main(argv=None) -> int:
                 tail = [ln for ln in p.stdout.splitlines() if ln.strip()][-12:]
                 summary["stages"][stage] = {"rc": p.returncode, "tail": tail}
                 lines += ["GPU tests rc=%d" % p.returncode] + tail[-6:]
+            elif stage.startswith("bench:"):  # any benchmarks/bench_<name>.py with run(out) and table(res)
+                import importlib
+                sys.path.insert(0, os.getcwd())
+                name = stage.split(":", 1)[1]
+                mod = importlib.import_module(f"benchmarks.bench_{name}")
+                lines.append(mod.table(mod.run(os.path.join(a.out, f"{name}.json"))))
             elif stage == "gather":
                 sys.path.insert(0, os.getcwd())
                 from benchmarks import bench_gather
@@ -83,7 +92,8 @@ def main(argv=None) -> int:
                                  f"attend (all hits) {e['attend_all_hits_s'] * 1e6:.0f} us per layer")
             elif stage == "e2e":
                 from . import e2e
-                res = e2e.run(os.path.join(a.out, "e2e.json"), budget_s=max(30, left() - 30))
+                pick = [c for c in e2e.CONFIGS if not a.e2e or any(n in c[0] for n in a.e2e.split(","))]
+                res = e2e.run(os.path.join(a.out, "e2e.json"), budget_s=max(30, left() - 30), configs=pick)
                 lines.append(e2e.table(res))
             elif stage == "peer":
                 from .peer import transformers_generate

@@ -37,7 +37,7 @@ REAL = "traces/samples/smollm2-topics-8k.nosatrace"
 SYNTH_32K = {"layers": 32, "heads": 8, "seqs": 4, "steps": 160, "k": 64, "context": 32768, "seed": 7,
              "head_dim": 128}
 
-# (name, trace source, variant, batch, k, k_q, capacity, policy)
+# (name, trace source, variant, batch, k, k_q, capacity, policy[, microbatches[, gather programs]])
 CONFIGS = [
     *[(f"dense-8k-b{b}", REAL, "dense", b, None, None, None, "prev") for b in (8, 16, 32)],
     *[(f"infllmv2-8k-b{b}", REAL, "infllmv2", b, 64, 64, None, "prev") for b in (16, 32, 64, 96)],
@@ -48,6 +48,12 @@ CONFIGS = [
     ("dense-32k-b8", {"kind": "infllmv2", **SYNTH_32K}, "dense", 8, None, None, None, "prev"),
     ("infllmv2-32k-b32", {"kind": "infllmv2", **SYNTH_32K}, "infllmv2", 32, 64, 64, None, "prev"),
     ("nosa-32k-b32", {"kind": "nosa", "kq": 33, **SYNTH_32K}, "nosa", 32, 64, 33, None, "prev"),
+    # Micro-batches: one group's transfers overlap the others' compute (the simulator's schedule, measured). The
+    # copies run as 33 persistent programs: a program per entry, or one per SM, keeps the GEMMs beside them off the
+    # SMs until the copy ends (benchmarks/bench_overlap.py: overlap 0.01 and 0.09, against 0.85 with 33 programs).
+    *[(f"{v}-8k-b{b}-mb2", REAL, v, b, 64, 64 if v == "infllmv2" else 33, None, "prev", 2, 33)
+      for v, b in (("infllmv2", 64), ("nosa", 64), ("nosa", 96))],
+    ("nosa-32k-b32-mb2", {"kind": "nosa", "kq": 33, **SYNTH_32K}, "nosa", 32, 64, 33, None, "prev", 2, 33),
 ]
 
 
@@ -68,7 +74,9 @@ def assemble(trace, variant: str, batch: int, k, k_q):
 
 
 def run_config(entry, weights, host, traces, copies: bool = True) -> dict:
-    name, source, variant, batch, k, k_q, cap, policy = entry
+    name, source, variant, batch, k, k_q, cap, policy = entry[:8]
+    microbatches = entry[8] if len(entry) > 8 else 1
+    programs = entry[9] if len(entry) > 9 else 0
     key = source if isinstance(source, str) else tuple(sorted(source.items()))
     if key not in traces:
         traces[key] = load_source(source)
@@ -80,7 +88,8 @@ def run_config(entry, weights, host, traces, copies: bool = True) -> dict:
     shape = PRESETS["llama3-8b"]
     cfg = RuntimeConfig(shape, variant, batch=batch, context=int(ctx[0].max()) - 1, steps=steps, k=k or 64,
                         k_q=k_q if variant == "nosa" else None, capacity=cap, policy=policy,
-                        host_seqs=min(batch, HOST_SEQS) if variant != "dense" else None)
+                        host_seqs=min(batch, HOST_SEQS) if variant != "dense" else None, microbatches=microbatches,
+                        gather_programs=programs)
     kw = {}
     if variant != "dense":
         kw = dict(host=host, trace_sel=torch.from_numpy(sel[:steps].astype(np.int64)).cuda(),
@@ -92,7 +101,8 @@ def run_config(entry, weights, host, traces, copies: bool = True) -> dict:
         "name": name, "trace": source if isinstance(source, str) else None,
         "synth": None if isinstance(source, str) else source, "model": "llama3-8b", "variant": variant,
         "trace_sel_sha256": hashlib.sha256(np.ascontiguousarray(trace.sel).tobytes()).hexdigest(),
-        "batch": batch, "k": k, "k_q": k_q, "capacity": cap, "policy": policy, "microbatches": 1,
+        "batch": batch, "k": k, "k_q": k_q, "capacity": cap, "policy": policy, "microbatches": microbatches,
+        "gather_programs": programs,
         "steps": [WARMUP + 2, WARMUP + 2 + TIMED],
         "measured": {"median_step_s": t.median_ms / 1e3, "p10_step_s": float(np.percentile(t.ms, 10)) / 1e3,
                      "p90_step_s": float(np.percentile(t.ms, 90)) / 1e3, "timed_steps": len(t.ms)},

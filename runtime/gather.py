@@ -37,6 +37,25 @@ if triton is not None:
             tl.store(dst + d * CH + offs, v)
 
 
+    @triton.jit
+    def _copy_chunks_persistent(src, dst, src_idx, dst_idx, n, CH: tl.constexpr, P: tl.constexpr,
+                                ITERS: tl.constexpr):
+        # P programs stride over the n entries (interleaved, so the misses of cold rows spread over all of them).
+        # A few programs keep enough chunk reads in flight to fill the link while leaving the SMs to the compute
+        # kernels that run beside the copy when micro-batches overlap.
+        offs = tl.arange(0, CH)
+        pid = tl.program_id(0)
+        # The trip count is a constexpr (one compile per launch shape, which is fixed in a decode run): Triton's
+        # CPU interpreter can't loop to a runtime bound.
+        for it in range(ITERS):
+            i = it * P + pid
+            if i < n:
+                s = tl.load(src_idx + i).to(tl.int64)
+                d = tl.load(dst_idx + i).to(tl.int64)
+                if (s >= 0) & (d >= 0):
+                    tl.store(dst + d * CH + offs, tl.load(src + s * CH + offs))
+
+
 def _as_words(t: torch.Tensor, chunk_bytes: int) -> torch.Tensor:
     """Flat 32-bit view of a contiguous buffer, so one kernel moves bf16, fp16 and fp32 alike."""
     if not t.is_contiguous():
@@ -48,11 +67,13 @@ def _as_words(t: torch.Tensor, chunk_bytes: int) -> torch.Tensor:
 
 
 def copy_chunks(src: torch.Tensor, dst: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor,
-                chunk_bytes: int, *, split: int = 1, num_warps: int = 4, use_triton: bool | None = None) -> None:
+                chunk_bytes: int, *, split: int = 1, num_warps: int = 4, programs: int = 0,
+                use_triton: bool | None = None) -> None:
     """Copy chunk ``src_idx[i]`` of ``src`` to chunk ``dst_idx[i]`` of ``dst`` where both are >= 0.
 
     ``src`` / ``dst``: contiguous tensors (either may be pinned host memory when the kernel runs: it reads and writes
-    mapped host memory directly). ``split``: programs per chunk. Indices must be on the device that runs the copy.
+    mapped host memory directly). ``split``: programs per chunk. ``programs`` > 0: that many persistent programs
+    loop over the entries instead (one chunk at a time each). Indices must be on the device that runs the copy.
     """
     if src_idx.shape != dst_idx.shape:
         raise ValueError(f"copy_chunks: src_idx {tuple(src_idx.shape)} and dst_idx {tuple(dst_idx.shape)} differ")
@@ -65,7 +86,10 @@ def copy_chunks(src: torch.Tensor, dst: torch.Tensor, src_idx: torch.Tensor, dst
         if words % split or (words // split) & (words // split - 1):
             raise ValueError(f"copy_chunks: chunk of {words} words does not split into {split} power-of-two parts")
         n = si.numel()
-        if n:
+        if n and programs > 0:
+            p = min(programs, n)
+            _copy_chunks_persistent[(p,)](s, d, si, di, n, CH=words, P=p, ITERS=-(-n // p), num_warps=num_warps)
+        elif n:
             _copy_chunks_kernel[(n, split)](s, d, si, di, CH=words, SUB=words // split, num_warps=num_warps)
         return
     ok = (si >= 0) & (di >= 0)

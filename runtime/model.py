@@ -13,6 +13,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from nosasim.batch import microbatch_groups
+from nosasim.sim.schedule import program  # the simulator's issue order itself (numpy only, no simpy)
+
 from .config import ModelShape
 
 
@@ -70,26 +73,46 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 class Decoder:
     """Token path of one decode step; ``backend.attend`` does everything KV-related."""
 
-    def __init__(self, shape: ModelShape, weights: Weights, backend, tokens: torch.Tensor, theta: float = 500000.0):
+    def __init__(self, shape: ModelShape, weights: Weights, backend, tokens: torch.Tensor, theta: float = 500000.0,
+                 microbatches: int = 1):
         self.shape, self.w, self.backend, self.tokens = shape, weights, backend, tokens
+        # The simulator's split of the batch: contiguous, nearly equal groups of sequences.
+        self.groups = [(int(g[0]), int(g[-1]) + 1) for g in microbatch_groups(tokens.shape[0], microbatches)]
         d = shape.head_dim
         self.inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, device=tokens.device, dtype=torch.float32) / d)
 
     def step(self) -> None:
-        s, w = self.shape, self.w
-        pos = self.backend.begin_step()  # [B] position of the new token
-        B, H, G, D = self.tokens.shape[0], s.kv_heads, s.group, s.head_dim
+        """One decode step in the micro-batch schedule of ``nosasim.sim.schedule.program``: for each layer, a
+        micro-batch's "pre" half (norm, QKV, RoPE, selection, table update, transfers issued) runs after the other
+        micro-batches' "post" half of the layer before (attention, O projection, MLP), so its transfers overlap
+        their compute. With one micro-batch this is the plain layer-by-layer step."""
+        s, w, be = self.shape, self.w, self.backend
+        pos = be.begin_step()  # [B] position of the new token
+        H, G, D = s.kv_heads, s.group, s.head_dim
         ang = pos.float()[:, None, None] * self.inv_freq
         cos, sin = ang.cos(), ang.sin()
-        x = w.embed[self.tokens]
-        for li, lw in enumerate(w.layers):
-            qkv = rms_norm(x, lw.attn_norm) @ lw.wqkv
+        parts = [(b0, b1, be.part_rows(b0, b1)) for b0, b1 in self.groups]
+        xs = [w.embed[self.tokens[b0:b1]] for b0, b1, _ in parts]
+
+        def pre(li: int, j: int) -> None:
+            b0, b1, rows = parts[j]
+            n, lw = b1 - b0, w.layers[li]
+            qkv = rms_norm(xs[j], lw.attn_norm) @ lw.wqkv
             q, k, v = qkv.split([s.q_heads * D, H * D, H * D], -1)
-            q = rope(q.view(B, s.q_heads, D), cos, sin)
-            k = rope(k.view(B, H, D), cos, sin)
-            o = self.backend.attend(li, q.view(B * H, G, D), k.reshape(B * H, D), v.reshape(B * H, D), lw)
-            x = x + o.reshape(B, s.q_heads * D) @ lw.wo
+            q = rope(q.view(n, s.q_heads, D), cos[b0:b1], sin[b0:b1])
+            k = rope(k.view(n, H, D), cos[b0:b1], sin[b0:b1])
+            be.prepare(li, rows, q.view(n * H, G, D), k.reshape(n * H, D), v.reshape(n * H, D), lw)
+
+        def post(li: int, j: int) -> None:
+            b0, b1, rows = parts[j]
+            lw = w.layers[li]
+            x = xs[j] + be.finish(li, rows).reshape(b1 - b0, s.q_heads * D) @ lw.wo
             gate, up = (rms_norm(x, lw.mlp_norm) @ lw.w13).chunk(2, -1)
-            x = x + (F.silu(gate) * up) @ lw.w2
-        logits = rms_norm(x, w.norm) @ w.lm_head
-        self.tokens.copy_(logits.argmax(-1))
+            xs[j] = x + (F.silu(gate) * up) @ lw.w2
+
+        for kind, li, j in program(s.layers, len(parts)):
+            (pre if kind == "pre" else post)(li, j)
+        be.end_step()
+        for (b0, b1, _), x in zip(parts, xs):
+            self.tokens[b0:b1].copy_((rms_norm(x, w.norm) @ w.lm_head).argmax(-1))
+

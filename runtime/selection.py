@@ -15,6 +15,10 @@ Scoring (per layer, all rows at once):
 Selection from block scores mirrors ``nosasim.select.select_mask`` rule for rule (sink, window with the tail,
 query-aware top, agnostic top, everything when few blocks exist; ties to the lower id, NaN last), so the GPU
 selection can be compared with it exactly.
+
+On CUDA tensors (with triton importable) ``qaware_block_scores`` and ``select_blocks_gpu`` run the Triton kernels of
+``runtime.select_kernels`` instead of the torch ops below, which stay the CPU path and the kernels' reference
+(``use_triton`` forces either).
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from . import select_kernels
 
 
 @dataclass
@@ -41,9 +47,9 @@ class ScoreState:
 
     @classmethod
     def allocate(cls, layers, rows, head_dim, max_tokens, n_blocks, *, qaware, agnostic, dtype, device,
-                 stride=16, block_size=64) -> "ScoreState":
+                 stride=16, block_size=64) -> ScoreState:
         nc = max_tokens // stride
-        f32 = dict(dtype=torch.float32, device=device)
+        f32 = {"dtype": torch.float32, "device": device}
         ck = torch.zeros((layers, rows, nc + 1, head_dim), dtype=dtype, device=device) if qaware else None
         ka = torch.zeros((layers, rows, 2, head_dim), **f32) if qaware else None
         cis = torch.zeros((layers, rows, n_blocks * block_size), **f32) if agnostic else None
@@ -126,8 +132,20 @@ def append_token(state: ScoreState, layer: int, pos: torch.Tensor, k: torch.Tens
         state.static[layer].scatter_(1, torch.where(tail_done, old_tail, nb)[:, None], frozen[:, None])
 
 
-def qaware_block_scores(state: ScoreState, layer: int, q: torch.Tensor, ctx: torch.Tensor, n_blocks: int) -> torch.Tensor:
-    """InfLLM-V2 block scores ``float32 [R, n_blocks]`` of queries ``q [R, G, D]`` at context lengths ``ctx [R]``."""
+def _want_triton(use_triton: bool | None, t: torch.Tensor) -> bool:
+    """``None``: the Triton kernels when triton is importable and the tensors are on CUDA, else the torch code."""
+    return select_kernels.AVAILABLE and t.is_cuda if use_triton is None else use_triton
+
+
+def qaware_block_scores(state: ScoreState, layer: int, q: torch.Tensor, ctx: torch.Tensor, n_blocks: int, *,
+                        use_triton: bool | None = None) -> torch.Tensor:
+    """InfLLM-V2 block scores ``float32 [R, n_blocks]`` of queries ``q [R, G, D]`` at context lengths ``ctx [R]``.
+
+    The Triton path accumulates the logits in fp32 from the keys' dtype; the torch path rounds them to that dtype
+    (a bf16 matmul's output), so with bf16 keys the two differ by that rounding (fp32: ~1e-6 relative)."""
+    if _want_triton(use_triton, q):
+        return select_kernels.qaware_scores_triton(state.ckeys[layer], state.nc, q, ctx, n_blocks,
+                                                   stride=state.stride, block_size=state.block_size)
     s = state.stride
     ck = state.ckeys[layer, :, : state.nc]
     logits = torch.matmul(q.to(ck.dtype), ck.transpose(1, 2)).float() / math.sqrt(q.shape[-1])  # [R, G, NC]
@@ -148,14 +166,19 @@ def _take_top(score: torch.Tensor, allowed: torch.Tensor, budget: torch.Tensor) 
 
 
 def select_blocks_gpu(qaware: torch.Tensor, ctx: torch.Tensor, *, k: int, k_q: int | None = None, sink: int = 1,
-                      window: int = 16, block_size: int = 64, agnostic: torch.Tensor | None = None) -> torch.Tensor:
+                      window: int = 16, block_size: int = 64, agnostic: torch.Tensor | None = None,
+                      use_triton: bool | None = None) -> torch.Tensor:
     """``nosasim.select.select_blocks`` on the device: ids ``int64 [R, k]`` sorted, -1 padded."""
-    R, nb = qaware.shape
+    nb = qaware.shape[1]
+    k_q_eff = k if (k_q is None or agnostic is None) else k_q
+    if _want_triton(use_triton, qaware) and qaware.dtype in select_kernels.SCORE_DTYPES and (
+            agnostic is None or agnostic.dtype in select_kernels.SCORE_DTYPES):  # float64 would lose order in fp32
+        return select_kernels.select_blocks_triton(qaware, ctx, k=k, k_q_eff=k_q_eff, sink=sink, window=window,
+                                                   block_size=block_size, agnostic=agnostic)
     tail = (ctx.long() - 1) // block_size
     col = torch.arange(nb, device=qaware.device)[None, :]
     complete = col < tail[:, None]
     forced = complete & ((col < sink) | (col >= (tail - (window - 1))[:, None]))
-    k_q_eff = k if (k_q is None or agnostic is None) else k_q
     q_budget = torch.clamp(k_q_eff - 1 - forced.sum(1), min=0)
     chosen = forced | _take_top(qaware, complete & ~forced, q_budget)
     if agnostic is not None and k_q_eff < k:

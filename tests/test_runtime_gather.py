@@ -9,10 +9,16 @@ from runtime.gather import copy_chunks
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("chunk_bytes,split", [(8192, 1), (16384, 2), (32768, 1), (32768, 4)])
+# CPU runs the torch path; "kernel" runs the Triton kernels on CPU tensors in Triton's interpreter.
+PATHS = [("cpu", None), pytest.param("cpu", True, marks=pytest.mark.triton, id="cpu-kernel"),
+         pytest.param("cuda", None, marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("device,use_triton", PATHS)
+@pytest.mark.parametrize("chunk_bytes,split,programs", [(8192, 1, 0), (16384, 2, 0), (32768, 1, 0), (32768, 4, 0),
+                                                        (8192, 1, 7), (32768, 1, 64)])
 @pytest.mark.parametrize("direction", ["h2d", "d2h", "d2d"])
-def test_copy_chunks_exact(device, chunk_bytes, split, direction):
+def test_copy_chunks_exact(device, use_triton, chunk_bytes, split, programs, direction):
     g = torch.Generator().manual_seed(chunk_bytes + split)
     n_src, n_dst, n = 300, 200, 150
     words = chunk_bytes // 4
@@ -29,7 +35,7 @@ def test_copy_chunks_exact(device, chunk_bytes, split, direction):
     skip = torch.rand(n, generator=g) < 0.2
     si = torch.where(skip, -1, si)
     copy_chunks(src.view(torch.bfloat16), dst.view(torch.bfloat16), si.to(device), di.to(device), chunk_bytes,
-                split=split)
+                split=split, programs=programs, use_triton=use_triton)
     if device == "cuda":
         torch.cuda.synchronize()
     d, s = dst.cpu(), src.cpu()
