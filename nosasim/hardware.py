@@ -40,7 +40,7 @@ OP_FIELDS: dict[str, tuple[str, ...]] = {
 }
 _REQUIRED = ("name", "provenance", "gpu_memory_bytes", "hbm_Bps", "matmul_flops", "vector_flops", "launch_s",
              "h2d", "d2h")
-_OPTIONAL = ("schema", "device", "reserved_bytes", "ops", "notes")
+_OPTIONAL = ("schema", "device", "reserved_bytes", "ops", "notes", "overlap_slowdown")
 
 
 def _positive(where: str, value) -> float:
@@ -167,6 +167,9 @@ class Profile:
     d2h: TransferModel
     ops: dict = field(default_factory=dict)
     device: str = ""
+    # Compute kernels run this much slower while an H2D gather runs beside them (micro-batch overlap): the gather
+    # kernel's programs share the SMs. 0.22 means 1.22x longer; measured by benchmarks/bench_overlap.py.
+    overlap_slowdown: float = 0.0
 
     @classmethod
     def from_dict(cls, d: dict) -> "Profile":
@@ -189,13 +192,17 @@ class Profile:
         if not 0 <= reserved < mem:
             raise ValueError(f"profile field reserved_bytes: expected 0 <= value < gpu_memory_bytes ({mem:.0f}), "
                              f"got {reserved!r}")
+        slow = d.get("overlap_slowdown", 0.0)
+        if isinstance(slow, bool) or not isinstance(slow, (int, float)) or not 0 <= slow < 10:
+            raise ValueError(f"profile field overlap_slowdown: expected a number in [0, 10) (fractional slowdown of "
+                             f"compute beside a gather), got {slow!r}")
         return cls(
             name=str(d["name"]), provenance=str(d["provenance"]), gpu_memory_bytes=mem, reserved_bytes=reserved,
             hbm_Bps=_positive("hbm_Bps", d["hbm_Bps"]), matmul_flops=_positive("matmul_flops", d["matmul_flops"]),
             vector_flops=_positive("vector_flops", d["vector_flops"]), launch_s=launch,
             h2d=_transfer("h2d", d["h2d"], ops.get("gather_h2d")),
             d2h=_transfer("d2h", d["d2h"], ops.get("writeback_d2h")),
-            ops=ops, device=str(d.get("device", "")),
+            ops=ops, device=str(d.get("device", "")), overlap_slowdown=float(slow),
         )
 
     def scaled(self, *, pcie: float = 1.0, hbm: float = 1.0, flops: float = 1.0) -> "Profile":

@@ -227,8 +227,32 @@ def _link(entries: list[dict], memcpy_peak: float) -> tuple[dict, list[dict]]:
     return {"peak_Bps": peak, "latency_s": lat}, entries
 
 
-def build_profile(name: str, cal: dict, gather: dict) -> dict:
-    """Assemble the profile dict from calibration results ``cal`` and the gather benchmark ``gather``."""
+OVERLAP_COPY = "gather_persistent33"  # the copy micro-batched decode steps run beside compute (runtime.e2e)
+
+
+def overlap_slowdown(overlap: dict, copy: str = OVERLAP_COPY) -> float:
+    """Fractional slowdown of compute while a gather runs beside it, from ``benchmarks/bench_overlap.py``: the value
+    ``s`` for which ``nosasim.sim.schedule.compute_end`` reproduces the measured time of compute and copy together
+    (the copy taken as unslowed: the compute chain is what ends last)."""
+    row = next((r for r in overlap["rows"] if r["copy"] == copy), None)
+    if row is None:
+        raise ValueError(f"overlap benchmark: no row for copy {copy!r}")
+    tc, tg, both = overlap["compute_alone_s"], row["copy_alone_s"], row["both_s"]
+    if both <= max(tc, tg):
+        return 0.0
+    # Stretched for the whole op (it ends inside the copy's span), or for the copy's span and then at full speed.
+    if both <= tg:
+        s = both / tc - 1
+    else:
+        done = tg + tc - both  # compute seconds got through while the copy ran
+        # None (copy and compute serialised): the profile's largest slowdown, 9, stands for "no progress".
+        s = tg / done - 1 if done > tg / 10 else 9.0
+    return min(max(0.0, s), 9.0)
+
+
+def build_profile(name: str, cal: dict, gather: dict, overlap: dict | None = None) -> dict:
+    """Assemble the profile dict from calibration results ``cal``, the gather benchmark ``gather`` and, when given,
+    the overlap benchmark ``overlap`` (``overlap_slowdown``; without it the simulator assumes none)."""
     env = environment()
     tables = transfer_tables(gather["best"])
     h2d, h2d_tab = _link(tables["h2d"], gather["peaks"]["h2d_memcpy_1GiB_Bps"])
@@ -253,6 +277,9 @@ def build_profile(name: str, cal: dict, gather: dict) -> dict:
                   f"eager launches cost {c['launch_eager_s'] * 1e6:.1f} us each. Op tables are timed inside CUDA "
                   f"graphs too."),
     }
+    if overlap is not None:
+        prof["overlap_slowdown"] = overlap_slowdown(overlap)
+        prof["provenance"] += f"; overlap_slowdown from benchmarks/bench_overlap.py ({OVERLAP_COPY} beside GEMMs)"
     return prof
 
 

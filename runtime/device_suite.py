@@ -79,7 +79,9 @@ def main(argv=None) -> int:
                     if gather is None and path and os.path.exists(path):
                         gather = json.load(open(path))
                 if gather is not None:
-                    prof = calibrate.build_profile("h100-pcie5-calibrated", cal, gather)
+                    from benchmarks import bench_overlap  # isolated: a gather beside a GEMM chain
+                    overlap = bench_overlap.run(os.path.join(a.out, "overlap.json"))
+                    prof = calibrate.build_profile("h100-pcie5-calibrated", cal, gather, overlap)
                     from nosasim.hardware import Profile
                     Profile.from_dict(prof)  # the profile must load in nosasim, or this stage fails
                     write_json(os.path.join(a.out, "h100-pcie5-calibrated.json"), prof)

@@ -88,3 +88,18 @@ def test_bad_profiles_raise_clear_errors(mutate, match):
 def test_unknown_profile_name_lists_bundled():
     with pytest.raises(ValueError, match="h100-pcie5"):
         load_profile("h200-nvlink")
+
+
+@pytest.mark.parametrize("bad", [-0.1, "fast", True, 12.0])
+def test_bad_overlap_slowdown_is_named(bad):
+    d = _raw()
+    d["overlap_slowdown"] = bad
+    with pytest.raises(ValueError, match="overlap_slowdown"):
+        Profile.from_dict(d)
+
+
+def test_overlap_slowdown_defaults_to_none_and_loads():
+    d = _raw()
+    assert Profile.from_dict(d).overlap_slowdown == pytest.approx(d["overlap_slowdown"])
+    del d["overlap_slowdown"]
+    assert Profile.from_dict(d).overlap_slowdown == 0.0

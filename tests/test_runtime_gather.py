@@ -51,3 +51,21 @@ def test_copy_chunks_rejects_bad_sizes():
     with pytest.raises(ValueError, match="chunks"):
         copy_chunks(torch.zeros(100), torch.zeros(128), torch.zeros(1, dtype=torch.long),
                     torch.zeros(1, dtype=torch.long), 512)
+
+
+def test_overlap_slowdown_reproduces_the_overlap_benchmark():
+    """The profile's slowdown, put back into the simulator's compute_end, gives the measured time of the GEMM chain
+    and the gather together (runtime_overlap.json, H100)."""
+    import json
+    from pathlib import Path
+
+    from nosasim.sim.schedule import compute_end
+    from runtime.calibrate import OVERLAP_COPY, overlap_slowdown
+
+    res = json.loads((Path(__file__).resolve().parents[1] / "analysis/results/runtime_overlap.json").read_text())
+    s = overlap_slowdown(res)
+    row = next(r for r in res["rows"] if r["copy"] == OVERLAP_COPY)
+    assert 0.1 < s < 0.5
+    assert float(compute_end(0.0, res["compute_alone_s"], row["copy_alone_s"], s)) == pytest.approx(row["both_s"])
+    serial = dict(res, rows=[dict(row, both_s=res["compute_alone_s"] + row["copy_alone_s"])])
+    assert overlap_slowdown(serial) > s  # no overlap at all reads as a larger slowdown

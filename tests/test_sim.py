@@ -10,6 +10,7 @@ from nosasim.cost import CLASS_INDEX, CLASSES, CostModel
 from nosasim.hardware import Profile, load_profile
 from nosasim.models import ReplayConfig, load_model
 from nosasim.sim import analytic, build_inputs, des, program
+from nosasim.sim.schedule import compute_end
 from nosasim.sim.schedule import StepInputs
 
 C = len(CLASSES)
@@ -83,7 +84,7 @@ def test_offloaded_toy_gather_adds_transfer_time_by_hand():
     np.testing.assert_allclose(more - base, 10 * 512 / 1e9, rtol=1e-9)
 
 
-def _random_inputs(seed, steps, layers, m):
+def _random_inputs(seed, steps, layers, m, slowdown=0.0):
     rng = np.random.default_rng(seed)
     pre_cls, post_cls = rng.random((steps, m, C)) * 1e-5, rng.random((steps, m, C)) * 1e-5
     pre_cls[..., CLASS_INDEX["h2d_wait"]] = post_cls[..., CLASS_INDEX["h2d_wait"]] = 0
@@ -93,13 +94,14 @@ def _random_inputs(seed, steps, layers, m):
     w = rng.random((steps, layers, m)) * 2e-5
     w[w < 1.6e-5] = 0
     return StepInputs(pre_cls.sum(2), post_cls.sum(2), pre_cls, post_cls, step_cls.sum(1) / 3,
-                      step_cls.sum(1) * 2 / 3, step_cls, g, w)
+                      step_cls.sum(1) * 2 / 3, step_cls, g, w, overlap_slowdown=slowdown)
 
 
 @settings(max_examples=25, deadline=None)
-@given(seed=st.integers(0, 10_000), layers=st.integers(1, 6), m=st.integers(1, 4))
-def test_analytic_equals_des(seed, layers, m):
-    inp = _random_inputs(seed, 12, layers, m)
+@given(seed=st.integers(0, 10_000), layers=st.integers(1, 6), m=st.integers(1, 4),
+       slowdown=st.sampled_from([0.0, 0.22, 0.9]))
+def test_analytic_equals_des(seed, layers, m, slowdown):
+    inp = _random_inputs(seed, 12, layers, m, slowdown)
     a, d = analytic.simulate(inp), des.simulate(inp)
     np.testing.assert_allclose(a.step_s, d.step_s, rtol=1e-9)  # far inside the required 1%
     np.testing.assert_allclose(a.breakdown, d.breakdown, rtol=1e-9, atol=1e-15)
@@ -167,3 +169,23 @@ def test_simulator_imports_no_torch_or_cupy():
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'cupy')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_compute_end_stretches_only_while_a_gather_runs():
+    # Engine busy for 3 s more: at slowdown 0.5 a 1 s op takes 1.5 s; a 4 s op gets 2 s done in the 3 busy seconds,
+    # then 2 s at full speed; an idle engine (busy_until in the past) changes nothing.
+    assert compute_end(10.0, 1.0, 13.0, 0.5) == pytest.approx(11.5)
+    assert compute_end(10.0, 4.0, 13.0, 0.5) == pytest.approx(15.0)
+    assert compute_end(10.0, 4.0, 9.0, 0.5) == pytest.approx(14.0)
+    assert compute_end(10.0, 4.0, 13.0, 0.0) == 14.0
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_overlap_slowdown_costs_only_overlapped_steps(seed):
+    """One micro-batch never computes beside its gathers (each layer waits for its own), so the slowdown changes
+    nothing; with two it can only add time, and more slowdown adds more."""
+    one = [analytic.simulate(_random_inputs(seed, 10, 4, 1, s)).step_s for s in (0.0, 0.5)]
+    np.testing.assert_array_equal(one[0], one[1])
+    two = [analytic.simulate(_random_inputs(seed, 10, 4, 2, s)).step_s for s in (0.0, 0.2, 0.5)]
+    assert (two[1] >= two[0] - 1e-15).all() and (two[2] >= two[1] - 1e-15).all()
+    assert (two[2] > two[0]).any()

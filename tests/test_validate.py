@@ -47,13 +47,16 @@ def test_prediction_error_on_committed_measurements(report):
 
 
 def test_fused_runtime_with_microbatches(report3):
-    # Committed: median 2.6%, max 9.3%; the four micro-batched configurations are the largest errors (-7% to -9%).
+    # Committed: median 2.3%, max 3.7% (before the profile carried overlap_slowdown, the four micro-batched
+    # configurations were under-predicted by 7-9%: validation-h100-run3-nooverlap.md).
     offloaded = [r for r in report3["rows"] if r["variant"] != "dense"]
     assert sum(1 for r in report3["rows"] if r.get("name", "").endswith("-mb2")) == 4
     for r in offloaded:
         assert r["measured_loaded_blocks_per_step"] == r["predicted_loaded_blocks_per_step"], r["name"]
-    assert report3["median_abs_error"] < 0.035
-    assert report3["max_abs_error"] < 0.12
+    assert report3["median_abs_error"] < 0.03
+    assert report3["max_abs_error"] < 0.06
+    mb = [r for r in report3["rows"] if r["name"].endswith("-mb2")]
+    assert max(abs(r["error"]) for r in mb) < 0.05
 
 
 def test_bad_measurement_file_is_named(tmp_path):

@@ -94,6 +94,7 @@ def build_inputs(cost: CostModel, context: np.ndarray, misses: np.ndarray, write
         step_pre=step_pre.sum(axis=1), step_post=step_post.sum(axis=1), step_cls=step_pre + step_post,
         gather=cost.gather_time(per_microbatch(misses, groups)),
         writeback=cost.writeback_time(per_microbatch(writebacks, groups)),
+        overlap_slowdown=cost.p.overlap_slowdown,
     )
 
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 import numpy as np
 
 from nosasim.cost import CLASS_INDEX
-from nosasim.sim.schedule import SimResult, StepInputs, program
+from nosasim.sim.schedule import SimResult, StepInputs, compute_end, program
 
 
 def simulate(inp: StepInputs) -> SimResult:
     """Step time and per-class breakdown of every step of ``inp``."""
     steps = inp.pre.shape[0]
+    slow = inp.overlap_slowdown
     t = inp.step_pre.copy()
     h2d_free = np.zeros(steps)
     d2h_free = np.zeros(steps)
@@ -25,7 +26,7 @@ def simulate(inp: StepInputs) -> SimResult:
     landed: dict[tuple[int, int], np.ndarray] = {}
     for kind, layer, mb in program(inp.layers, inp.microbatches):
         if kind == "pre":
-            t = t + inp.pre[:, mb]
+            t = compute_end(t, inp.pre[:, mb], h2d_free, slow)
             g = inp.gather[:, layer, mb]
             end = np.maximum(t, h2d_free) + g
             # A micro-batch with no misses issues no gather: nothing to wait for, the engine stays as it was.
@@ -36,12 +37,15 @@ def simulate(inp: StepInputs) -> SimResult:
         else:
             wait = np.maximum(landed.pop((layer, mb)) - t, 0.0)
             stall += wait
-            t = t + wait + inp.post[:, mb]
+            t = compute_end(t + wait, inp.post[:, mb], h2d_free, slow)
     if landed:
         raise RuntimeError(f"gathers {sorted(landed)} were never consumed by the program: a bug")
-    t = t + inp.step_post
+    t = compute_end(t, inp.step_post, h2d_free, slow)
     drain = np.maximum(np.maximum(h2d_free, d2h_free) - t, 0.0)
     breakdown = inp.compute_breakdown()
-    breakdown[:, CLASS_INDEX["h2d_wait"]] += stall
+    # Time lost to gathers: waiting for them, and compute slowed by those running beside it (what is left of the
+    # compute-stream time once the ops' own seconds and the waits are taken out).
+    slowed = np.maximum(t - breakdown.sum(axis=1) - stall, 0.0)
+    breakdown[:, CLASS_INDEX["h2d_wait"]] += stall + slowed
     breakdown[:, CLASS_INDEX["d2h_wait"]] += drain
     return SimResult(step_s=t + drain, breakdown=breakdown)

@@ -14,7 +14,7 @@ import numpy as np
 import simpy
 
 from nosasim.cost import CLASS_INDEX
-from nosasim.sim.schedule import SimResult, StepInputs, program
+from nosasim.sim.schedule import SimResult, StepInputs, compute_end, program
 
 
 def _copy(env: simpy.Environment, engine: simpy.Resource, seconds: float):
@@ -37,19 +37,31 @@ def simulate(inp: StepInputs) -> SimResult:
     step_s = np.zeros(steps)
     stall = np.zeros(steps)
     drain = np.zeros(steps)
+    slowed = np.zeros(steps)
+    slow = inp.overlap_slowdown
+    h2d_free = [0.0]  # when the H2D engine's queued gathers end (the engine is FIFO; only this process issues)
+
+    def stretch(d: float) -> float:
+        """Seconds a compute-stream op of ``d`` seconds takes from now: longer while a gather runs beside it."""
+        return float(compute_end(env.now, d, h2d_free[0], slow)) - env.now if slow else d
 
     def run():
         for s in range(steps):
             start = env.now
-            waited = 0.0
-            yield env.timeout(step_pre[s])
+            waited = extra = 0.0
+            dur = stretch(step_pre[s])
+            extra += dur - step_pre[s]
+            yield env.timeout(dur)
             pending = {}
             copies = []
             for kind, layer, mb in order:
                 if kind == "pre":
-                    yield env.timeout(pre[s][mb])
+                    dur = stretch(pre[s][mb])
+                    extra += dur - pre[s][mb]
+                    yield env.timeout(dur)
                     g = gather[s][layer][mb]
                     if g > 0:
+                        h2d_free[0] = max(env.now, h2d_free[0]) + g
                         pending[layer, mb] = proc = env.process(_copy(env, h2d, g))
                         copies.append(proc)
                     w = writeback[s][layer][mb]
@@ -61,21 +73,26 @@ def simulate(inp: StepInputs) -> SimResult:
                         t0 = env.now
                         yield landed
                         waited += env.now - t0
-                    yield env.timeout(post[s][mb])
+                    dur = stretch(post[s][mb])
+                    extra += dur - post[s][mb]
+                    yield env.timeout(dur)
             if pending:
                 raise RuntimeError(f"gathers {sorted(pending)} were never awaited: a bug")
-            yield env.timeout(step_post[s])
-            compute_end = env.now
+            dur = stretch(step_post[s])
+            extra += dur - step_post[s]
+            yield env.timeout(dur)
+            done = env.now
             left = [c for c in copies if not c.processed]
             if left:
                 yield env.all_of(left)
-            drain[s] = env.now - compute_end
+            drain[s] = env.now - done
             stall[s] = waited
+            slowed[s] = extra
             step_s[s] = env.now - start
 
     env.process(run())
     env.run()
     breakdown = inp.compute_breakdown()
-    breakdown[:, CLASS_INDEX["h2d_wait"]] += stall
+    breakdown[:, CLASS_INDEX["h2d_wait"]] += stall + slowed  # gathers: waited for, and slowing compute beside them
     breakdown[:, CLASS_INDEX["d2h_wait"]] += drain
     return SimResult(step_s=step_s, breakdown=breakdown)

@@ -35,6 +35,7 @@ class StepInputs:
     pre_cls, post_cls: [steps, m, classes] the same split into breakdown classes.
     step_pre, step_post: [steps] embedding before the layers, final norm + LM head after (all micro-batches).
     step_cls: [steps, classes]. gather, writeback: [steps, layers, m] copy seconds (0 = no copy issued).
+    overlap_slowdown: compute runs ``1 + overlap_slowdown`` times slower while a gather is in flight (the profile's).
     """
 
     pre: np.ndarray
@@ -46,6 +47,7 @@ class StepInputs:
     step_cls: np.ndarray
     gather: np.ndarray
     writeback: np.ndarray
+    overlap_slowdown: float = 0.0
 
     def __post_init__(self):
         steps, m = self.pre.shape
@@ -69,6 +71,18 @@ class StepInputs:
     def compute_breakdown(self) -> np.ndarray:
         """Compute-stream seconds per class, [steps, classes] (stalls excluded)."""
         return self.step_cls + self.layers * (self.pre_cls.sum(axis=1) + self.post_cls.sum(axis=1))
+
+
+def compute_end(t, d, busy_until, slowdown: float):
+    """End of a compute op of ``d`` seconds that starts at ``t`` while the H2D engine is busy until ``busy_until``:
+    compute progresses at ``1 / (1 + slowdown)`` speed while a gather runs beside it, then at full speed. Scalars
+    (the event model) or arrays over steps (the analytic path). Gathers queued on the engine run back to back and
+    are all issued before the op starts, so the engine is busy without a gap from ``t`` to ``busy_until``."""
+    if not slowdown:
+        return t + d
+    span = np.maximum(busy_until - t, 0.0)
+    work = span / (1.0 + slowdown)  # compute seconds the op gets through while the engine is busy
+    return np.where(d <= work, t + d * (1.0 + slowdown), t + span + (d - work))
 
 
 @dataclass(frozen=True, slots=True)
