@@ -66,6 +66,14 @@ class _Base:
     def end_step(self) -> None:
         """Join side streams into the compute stream (a captured graph must end on one stream)."""
 
+    def _part(self, state, rows: slice):
+        """``state`` (a ``ScoreState`` or ``BlockTable``) restricted to ``rows``: every ``[L, R, ...]`` tensor sliced
+        along R as a view, so in-place updates of the part update the whole."""
+        if rows == self.all_rows:
+            return state
+        return replace(state, **{f.name: getattr(state, f.name)[:, rows] for f in fields(state)
+                                 if isinstance(getattr(state, f.name), torch.Tensor)})
+
     def begin_step(self) -> torch.Tensor:
         st, bs = self.state, self.cfg.block_size
         st.ctx.add_(1)
@@ -176,7 +184,7 @@ class OffloadBackend(_Base):
         rows = self.all_rows if rows is None else rows
         sel = None
         if cfg.variant in ("infllmv2", "nosa"):
-            sc = _rows_of(self.scores, rows)
+            sc = self._part(self.scores, rows)
             qs = qaware_block_scores(sc, layer, q, self.ctx_rows[rows], cfg.n_blocks)
             agn = sc.static[layer, :, : cfg.n_blocks] if cfg.variant == "nosa" else None
             sel = select_blocks_gpu(qs, self.ctx_rows[rows], k=cfg.k, k_q=cfg.k_q, sink=cfg.sink, window=cfg.window,
@@ -191,13 +199,13 @@ class OffloadBackend(_Base):
         """Score the new token, select, update the block table, and issue the part's transfers (on the copy stream
         when there is one)."""
         cfg, C = self.cfg, self.C
-        sc = _rows_of(self.scores, rows)
+        sc = self._part(self.scores, rows)
         pos, tail, tail_done = self.pos[rows], self.tail[rows], self.tail_done[rows]
         cis = self._cis(lw, v, rows) if sc.cis is not None else None
         old_tail = tail - 1
         append_token(sc, layer, pos, k if sc.ckeys is not None else None, cis, tail_done, old_tail)
         sel = self.select(layer, q, rows)
-        plan = update_table(_rows_of(self.table, rows), layer, sel, self.state.step, tail_done, old_tail)
+        plan = update_table(self._part(self.table, rows), layer, sel, self.state.step, tail_done, old_tail)
         self.loaded[:, layer, rows].index_copy_(0, self.state.step.view(1), plan.n_miss.int()[None])
         row_base, slot_base = self.row_base[rows], self.slot_base[rows]
         tail_slot = slot_base + C
@@ -258,19 +266,3 @@ class OffloadBackend(_Base):
             copy_chunks(self.pool[layer], self.host.layer(layer), self.slot_base + self.C,
                         self.row_base + self.tail, self.chunk)
 
-
-def _rows_of(state, rows: slice):
-    """The same state (``ScoreState`` or ``BlockTable``) restricted to ``rows``: every ``[L, R, ...]`` tensor sliced
-    along R as a view, so in-place updates of the part update the whole."""
-    if rows.start == 0 and rows.stop == state_rows(state):
-        return state
-    return replace(state, **{f.name: getattr(state, f.name)[:, rows] for f in fields(state)
-                             if isinstance(getattr(state, f.name), torch.Tensor)})
-
-
-def state_rows(state) -> int:
-    for f in fields(state):
-        t = getattr(state, f.name)
-        if isinstance(t, torch.Tensor):
-            return t.shape[1]
-    return 0
