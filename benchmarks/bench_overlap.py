@@ -23,7 +23,6 @@ CHUNK, COUNT, HOLES = 32768, 1024, 16
 
 
 def _graph(fns_main, fns_side):
-    main = torch.cuda.current_stream()
     side = torch.cuda.Stream()
     for f in fns_main + fns_side:  # compile / warm outside the capture
         f()
@@ -38,7 +37,6 @@ def _graph(fns_main, fns_side):
         for f in fns_main:
             f()
         cap.wait_stream(side)
-    del main
     return g
 
 

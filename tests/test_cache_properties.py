@@ -95,17 +95,27 @@ trace_params = st.tuples(
 )
 
 
-def _max_sel(sel, ctx, block_size):
+def _accesses(sel, ctx, block_size):
+    """Selected complete blocks per step and row (the tail is not an access)."""
     tails = (ctx - 1) // block_size
-    return int(((sel >= 0) & (sel < tails[:, :, None])).sum(axis=2).max())
+    return ((sel >= 0) & (sel < tails[:, :, None])).sum(axis=2)
+
+
+def _max_sel(sel, ctx, block_size):
+    return int(_accesses(sel, ctx, block_size).max())
+
+
+def _case(params, extra):
+    """A random trace and a capacity ``extra`` slots above its largest selection."""
+    sel, ctx, static = random_trace(*params)
+    bs = params[4]
+    return sel, ctx, static, bs, _max_sel(sel, ctx, bs) + extra
 
 
 @SETTINGS
 @given(trace_params, st.integers(0, 4))
 def test_engine_equals_reference_for_every_policy(params, extra):
-    sel, ctx, static = random_trace(*params)
-    bs = params[4]
-    cap = _max_sel(sel, ctx, bs) + extra
+    sel, ctx, static, bs, cap = _case(params, extra)
     for policy in POLICY_NAMES:
         res = simulate_arrays(sel, ctx, policy, cap, block_size=bs, static_score=static, record=True)
         ref = reference(sel, ctx, policy, cap, bs, static)
@@ -119,12 +129,10 @@ def test_engine_equals_reference_for_every_policy(params, extra):
 @SETTINGS
 @given(trace_params, st.integers(0, 3))
 def test_hits_plus_misses_are_the_accesses(params, extra):
-    sel, ctx, static = random_trace(*params)
-    bs = params[4]
+    sel, ctx, static, bs, cap = _case(params, extra)
+    accesses = _accesses(sel, ctx, bs)
     tails = (ctx - 1) // bs
-    accesses = ((sel >= 0) & (sel < tails[:, :, None])).sum(axis=2)
     writebacks = np.vstack([np.zeros((1, ctx.shape[1]), int), np.diff(tails, axis=0)])
-    cap = _max_sel(sel, ctx, bs) + extra
     for policy in POLICY_NAMES:
         res = simulate_arrays(sel, ctx, policy, cap, block_size=bs, static_score=static)
         np.testing.assert_array_equal(res.hits + res.misses, accesses)
@@ -135,9 +143,7 @@ def test_hits_plus_misses_are_the_accesses(params, extra):
 @SETTINGS
 @given(trace_params, st.integers(0, 3))
 def test_belady_hits_at_least_every_other_policy(params, extra):
-    sel, ctx, static = random_trace(*params)
-    bs = params[4]
-    cap = _max_sel(sel, ctx, bs) + extra
+    sel, ctx, static, bs, cap = _case(params, extra)
     hits = {p: simulate_arrays(sel, ctx, p, cap, block_size=bs, static_score=static).hits.sum(axis=0)
             for p in POLICY_NAMES}
     for policy in POLICY_NAMES:
@@ -175,9 +181,7 @@ def test_prev_hits_are_the_overlap_with_the_previous_step(params, extra):
 @SETTINGS
 @given(trace_params, st.integers(0, 3), st.data())
 def test_streaming_in_chunks_equals_one_pass(params, extra, data):
-    sel, ctx, static = random_trace(*params)
-    bs = params[4]
-    cap = _max_sel(sel, ctx, bs) + extra
+    sel, ctx, static, bs, cap = _case(params, extra)
     cuts = sorted(data.draw(st.sets(st.integers(1, max(1, sel.shape[0] - 1)), max_size=3)))
     for policy in ("prev", "lru", "lfu", "static"):
         whole = simulate_arrays(sel, ctx, policy, cap, block_size=bs, static_score=static)
@@ -192,9 +196,7 @@ def test_streaming_in_chunks_equals_one_pass(params, extra, data):
 @given(trace_params, st.integers(0, 3))
 def test_numpy_keep_key_reproduces_the_engines_evictions(params, extra):
     """What the GPU runtime will do: rank the candidates with the numpy keep key, evict the surplus."""
-    sel, ctx, static = random_trace(*params)
-    bs = params[4]
-    cap = _max_sel(sel, ctx, bs) + extra
+    sel, ctx, static, bs, cap = _case(params, extra)
     tails = (ctx - 1) // bs
     steps = sel.shape[0]
     for policy in ("lru", "lfu", "static", "belady"):
