@@ -14,7 +14,6 @@ configuration, its median and maximum absolute value, and the predicted breakdow
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import statistics
 import sys
@@ -22,45 +21,25 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _resolve(path: str) -> Path:
-    p = Path(path)
-    return p if p.is_absolute() or p.exists() else ROOT / p
+from nosasim.experiment import ROOT, E2EConfig, fingerprint, load_source, replay_batch, resolve_path
 
 
 def predict_run(run: dict, profile: str, traces: dict) -> dict:
     """Simulator prediction for one measured run (same trace, budgets, batch, model, policy)."""
-    from nosasim.models import ReplayConfig
-    from nosasim.batch import assemble_trace, per_layer_seq
-    from nosasim.sim import predict, resolve, run_cache, selection_trace
-    from nosasim.trace import read_trace
+    from nosasim.batch import per_layer_seq
+    from nosasim.sim import predict, resolve, run_cache
 
-    for field in ("model", "variant", "batch", "measured", "steps"):
+    e2e = E2EConfig.from_fields(run)
+    for field in ("measured", "steps"):
         if field not in run:
-            raise ValueError(f"measurement run {run.get('name', '?')!r}: missing field '{field}'")
-    if run.get("synth"):
-        from nosasim.trace.synth import synthesize
-
-        key = json.dumps(run["synth"], sort_keys=True)
-        if key not in traces:
-            traces[key] = synthesize(**run["synth"])  # seeded: the same trace the GPU run generated
-    else:
-        key = str(_resolve(run["trace"]))
-        if key not in traces:
-            traces[key] = read_trace(key)
-    trace = traces[key]
+            raise ValueError(f"measurement run {e2e.name!r}: missing field '{field}'")
+    trace = load_source(e2e.source, traces)
     want = run.get("trace_sel_sha256")
-    if want and hashlib.sha256(np.ascontiguousarray(trace.sel).tobytes()).hexdigest() != want:
-        raise ValueError(f"run {run.get('name')!r}: the trace here is not the one the GPU decoded (sha256 differs)")
-    cfg = ReplayConfig(profile=profile, model=run["model"], variant=run["variant"], batch=run["batch"],
-                       k=run.get("k"), k_q=run.get("k_q"), capacity=run.get("capacity"),
-                       policy=run.get("policy", "prev"), microbatches=run.get("microbatches", 1))
-    cfg, model, prof = resolve(trace, cfg)
+    if want and fingerprint(trace) != want:
+        raise ValueError(f"run {e2e.name!r}: the trace here is not the one the GPU decoded (sha256 differs)")
+    cfg, model, prof = resolve(trace, e2e.replay_config(profile))
     if cfg.offloaded:
-        # Replay what the GPU replayed: the re-selected trace, assembled into the batch, every slot starting cold.
-        trace = assemble_trace(selection_trace(trace, cfg), cfg.batch)
+        trace = replay_batch(trace, e2e)  # what the GPU replayed: re-selected, assembled, every slot cold
     res = run_cache(trace, cfg)
     pred = predict(trace, cfg, check_memory=False, cache_result=res, resolved=(model, prof))
     # The runtime timed steps [lo, hi) of the assembled batch (after warm-up); compare the same window.
@@ -71,12 +50,13 @@ def predict_run(run: dict, profile: str, traces: dict) -> dict:
     if res is not None:  # the simulator's misses over the same window: must equal the runtime's loaded blocks
         per_step = per_layer_seq(res.misses, model.layers, model.kv_heads).sum(axis=(1, 2))
         pred_loaded = float(per_step[lo:hi].mean())
+    b = e2e.budget
     return {
-        "name": run.get("name", ""), "variant": run["variant"], "batch": run["batch"], "model": run["model"],
-        "k": run.get("k"), "k_q": run.get("k_q"), "policy": run.get("policy", "prev"),
-        "measured_step_s": meas, "predicted_step_s": step_s,
+        "name": e2e.name, "variant": e2e.variant, "batch": e2e.batch, "model": e2e.model,
+        "k": b.k if b else None, "k_q": b.k_q if b else None, "capacity": b.capacity if b else None,
+        "policy": e2e.policy, "measured_step_s": meas, "predicted_step_s": step_s,
         "error": (step_s - meas) / meas,
-        "measured_tokens_per_s": run["batch"] / meas, "predicted_tokens_per_s": run["batch"] / step_s,
+        "measured_tokens_per_s": e2e.batch / meas, "predicted_tokens_per_s": e2e.batch / step_s,
         "predicted_breakdown": pred.breakdown, "predicted_hit_rate": pred.hit_rate,
         "measured_loaded_blocks_per_step": (float(np.mean(run["loaded_blocks_per_step"]))
                                             if run.get("loaded_blocks_per_step") else None),
@@ -85,11 +65,12 @@ def predict_run(run: dict, profile: str, traces: dict) -> dict:
 
 
 def validate(measurements: str, profile: str) -> dict:
-    data = json.loads(_resolve(measurements).read_text())
+    data = json.loads(resolve_path(measurements).read_text())
     if "runs" not in data or not data["runs"]:
         raise ValueError(f"{measurements}: missing field 'runs' (a non-empty list of measured configurations)")
     traces: dict = {}
-    rows = [predict_run(run, str(_resolve(profile)), traces) for run in data["runs"]]
+    rows = [predict_run(run, profile if not profile.endswith(".json") else str(resolve_path(profile)), traces)
+            for run in data["runs"]]
     errs = [abs(r["error"]) for r in rows]
     return {
         "measurements": measurements, "profile": profile, "device": data.get("device", {}),

@@ -22,8 +22,10 @@ import time
 import numpy as np
 import torch
 
+from nosasim import memory
+from nosasim.contract import Budget
 from runtime.config import PRESETS, RuntimeConfig
-from runtime.decode import Runner, check_fits
+from runtime.decode import USABLE_SHARE, Runner, check_fits
 from runtime.kvstore import HostStore
 from runtime.model import Weights
 from runtime.timing import environment, write_json
@@ -35,16 +37,9 @@ HOST_SEQS = 4  # sequences b and b + 4 share a host row: same bytes over the lin
 
 
 def max_batch(cfg: RuntimeConfig, free_bytes: int, weights_given: bool = True) -> int:
-    """Largest batch whose planned memory fits, by the same budget ``check_fits`` enforces."""
-    b = 0
-    for cand in range(1, 1025):
-        need = cfg.with_(batch=cand, host_seqs=min(cand, cfg.host_seqs or cand)).gpu_bytes()
-        if weights_given:
-            need["weights"] = 0
-        if sum(need.values()) > 0.96 * free_bytes:
-            break
-        b = cand
-    return b
+    """Largest batch whose planned memory fits, by the same rule ``check_fits`` enforces (``nosasim.memory``)."""
+    return memory.largest_batch(USABLE_SHARE * free_bytes, cfg.model_for_memory, cfg.variant, cfg.budget, cfg.policy,
+                                cfg.max_tokens, cfg.block, weights_resident=weights_given)
 
 
 def trace_sel(kind: str, context: int, steps: int, shape) -> tuple[torch.Tensor, dict]:
@@ -93,7 +88,7 @@ def run(out_path=None, contexts=CONTEXTS, batches=BATCHES, variants=("dense", "i
     weights = Weights.random(shape, torch.bfloat16, "cuda", 0)
     free = torch.cuda.mem_get_info()[0]
     steps = WARMUP + 2 + TIMED + 1
-    host_cfg = RuntimeConfig(shape, "nosa", batch=HOST_SEQS, context=max(contexts), steps=steps, k_q=33)
+    host_cfg = RuntimeConfig(shape, "nosa", batch=HOST_SEQS, context=max(contexts), steps=steps)
     host = HostStore.allocate(host_cfg, pin=True)
     host.fill_random(1, "cuda")
     res = {"env": environment(), "shape": shape_name, "free_gpu_bytes_after_weights": free, "runs": [],
@@ -104,8 +99,9 @@ def run(out_path=None, contexts=CONTEXTS, batches=BATCHES, variants=("dense", "i
     bases = {}
     for ctx in contexts:
         for v in variants:
-            bases[(ctx, v)] = RuntimeConfig(shape, v, batch=1, context=ctx, steps=steps, k=64,
-                                            k_q=33 if v == "nosa" else None, host_seqs=1 if v != "dense" else None)
+            bases[(ctx, v)] = RuntimeConfig(shape, v, batch=1, context=ctx, steps=steps,
+                                            budget=None if v == "dense" else Budget.for_variant(v, 64),
+                                            host_seqs=1 if v != "dense" else None)
             res["max_batch"][f"{v}@{ctx}"] = max_batch(bases[(ctx, v)], free)
     sels = {}
     for ctx, v, b in plan(contexts, variants, batches, res["max_batch"]):
@@ -116,7 +112,8 @@ def run(out_path=None, contexts=CONTEXTS, batches=BATCHES, variants=("dense", "i
             continue
         base = bases[(ctx, v)]
         cfg = base.with_(batch=b, host_seqs=min(b, HOST_SEQS) if v != "dense" else None)
-        entry.update(k=64, k_q=cfg.k_q, policy=cfg.policy, capacity=cfg.slots if cfg.offloaded else None,
+        entry.update(k=64, k_q=cfg.budget.k_q if cfg.offloaded else None, policy=cfg.policy,
+                     capacity=cfg.slots if cfg.offloaded else None,
                      planned_gpu_bytes=sum(cfg.gpu_bytes().values()))
         try:
             check_fits(cfg, "cuda", True)
@@ -130,7 +127,7 @@ def run(out_path=None, contexts=CONTEXTS, batches=BATCHES, variants=("dense", "i
             entry.update(median_ms=t.median_ms, tokens_per_s=b / (t.median_ms / 1e3), step_ms=t.ms)
             if cfg.offloaded:
                 t0, _ = run_one(cfg, weights, host, sel, copies=False, timed=NOCOPY)
-                entry.update(loaded_blocks_per_step=loaded, h2d_bytes_per_step=loaded * cfg.block_bytes(),
+                entry.update(loaded_blocks_per_step=loaded, h2d_bytes_per_step=loaded * cfg.block.block_bytes,
                              median_ms_without_copies=t0.median_ms,
                              transfer_share=max(0.0, 1 - t0.median_ms / t.median_ms))
             print(f"{v:9s} ctx {ctx:6d} B {b:4d}: {t.median_ms:8.2f} ms  {entry['tokens_per_s']:8.1f} tok/s"

@@ -21,7 +21,7 @@ from runtime.table_kernel import launch_update
 from runtime.timing import environment, time_cuda, write_json
 
 POINTS = ((16, 130, 63), (64, 130, 63), (96, 130, 63), (32, 514, 63), (64, 130, 127))  # (batch, blocks, C)
-POLICIES = ("prev", "lru")
+TIMED_POLICIES = ("prev", "lru")
 KV_HEADS, K, LAYERS, SETS = 8, 64, 8, 16
 WARPS = (1, 2, 4, 8)
 
@@ -99,7 +99,7 @@ def run(out_path: str | None = None, dev: str = "cuda") -> dict:
     for batch, nb, C in POINTS:
         rows = KV_HEADS * batch
         sets = selections(rows, nb, SETS, dev)
-        for policy in POLICIES:
+        for policy in TIMED_POLICIES:
             entry = {"batch": batch, "rows": rows, "n_blocks": nb, "context": (nb - 2) * 64, "policy": policy,
                      "k": K, "capacity": C, "layers_per_graph": LAYERS,
                      "identical": identical(policy, rows, nb, C, sets, dev),

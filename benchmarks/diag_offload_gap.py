@@ -22,7 +22,7 @@ PICK = ("nosa-8k-b32", "nosa-32k-b32", "infllmv2-32k-b32")
 
 
 def host_for(context: int, steps: int) -> HostStore:
-    cfg = RuntimeConfig(PRESETS["llama3-8b"], "nosa", batch=e2e.HOST_SEQS, context=context, steps=steps, k_q=33)
+    cfg = RuntimeConfig(PRESETS["llama3-8b"], "nosa", batch=e2e.HOST_SEQS, context=context, steps=steps)
     host = HostStore.allocate(cfg, pin=True)
     host.fill_random(1, "cuda")
     return host
@@ -30,7 +30,7 @@ def host_for(context: int, steps: int) -> HostStore:
 
 def main(out: str) -> None:
     weights = Weights.random(PRESETS["llama3-8b"], torch.bfloat16, "cuda", 0)
-    configs = {c[0]: c for c in e2e.CONFIGS}
+    configs = {c.name: c for c in e2e.CONFIGS}
     res = {"env": environment(), "runs": []}
     big = host_for(e2e.SYNTH_32K["context"], e2e.SYNTH_32K["steps"] + 8)
     traces: dict = {}

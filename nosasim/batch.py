@@ -74,16 +74,10 @@ def per_layer_seq(rows: np.ndarray, layers: int, heads: int) -> np.ndarray:
     return per_src_layer[:, np.arange(layers) % rows.shape[1], :]
 
 
-def microbatch_groups(batch: int, microbatches: int) -> list[np.ndarray]:
-    """Contiguous, nearly equal micro-batches (sizes differ by at most one)."""
-    if not 1 <= microbatches <= batch:
-        raise ValueError(f"microbatches: expected 1..{batch}, got {microbatches}")
-    return np.array_split(np.arange(batch), microbatches)
-
-
-def per_microbatch(arr: np.ndarray, groups: list[np.ndarray]) -> np.ndarray:
-    """Sum the last (batch) axis within each micro-batch: [..., B] -> [..., m]."""
-    return np.stack([arr[..., g].sum(axis=-1) for g in groups], axis=-1)
+def per_microbatch(arr: np.ndarray, groups: list[range]) -> np.ndarray:
+    """Sum the last (batch) axis within each micro-batch (``nosasim.contract.microbatch_groups``): [..., B] ->
+    [..., m]."""
+    return np.stack([arr[..., g.start:g.stop].sum(axis=-1) for g in groups], axis=-1)
 
 
 def assemble_trace(trace, batch: int):

@@ -17,13 +17,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from nosasim.contract import CMP_STRIDE, CMP_WINDOW
 from nosasim.hardware import Profile
 from nosasim.models import ModelSpec, ReplayConfig
 
 # Breakdown classes, in report order. h2d_wait/d2h_wait are compute-stream stalls, filled by the simulator.
 CLASSES = ("gemm", "attention", "selection", "cache", "elementwise", "h2d_wait", "d2h_wait")
 CLASS_INDEX = {c: i for i, c in enumerate(CLASSES)}
-CMP_WINDOW, CMP_STRIDE = 32, 16  # InfLLM-V2 compressed keys: mean over 32 tokens, stride 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +96,7 @@ class CostModel:
 
     def __init__(self, profile: Profile, model: ModelSpec, config: ReplayConfig, block_size: int = 64):
         self.p, self.m, self.cfg, self.block_size = profile, model, config, block_size
+        self.block = config.block(model, block_size)
         self._curves = {}
         self._batch_curves = {}
         for kind, entries in profile.ops.items():
@@ -214,24 +215,15 @@ class CostModel:
         ]
         return [OpCost("embed", "elementwise", ones * self.elementwise(dt * 2 * b * m.hidden))], head
 
-    @property
-    def chunks_per_block(self) -> int:
-        """Transfer chunks per block: 1 when K and V of a block are contiguous in host memory (the runtime's
-        layout), 2 when they are stored apart."""
-        return 1 if self.cfg.kv_layout == "joint" else 2
-
-    @property
-    def chunk_bytes(self) -> int:
-        """Bytes of one transfer chunk: one block of K plus V of one KV head (joint) or of K or V alone (split)."""
-        return self.block_size * self.m.head_dim * self.m.dtype_bytes * 2 // self.chunks_per_block
-
     def gather_time(self, missed_blocks: np.ndarray) -> np.ndarray:
-        """H2D gather of the missed blocks of one layer and micro-batch (one kernel)."""
-        return self.p.h2d.time(self.chunk_bytes, self.chunks_per_block * np.asarray(missed_blocks))
+        """H2D gather of the missed blocks of one layer and micro-batch (one kernel), in the block's chunks."""
+        b = self.block
+        return self.p.h2d.time(b.chunk_bytes, b.chunks_per_block * np.asarray(missed_blocks))
 
     def writeback_time(self, written_blocks: np.ndarray) -> np.ndarray:
         """D2H writeback of the blocks completed at this step."""
-        return self.p.d2h.time(self.chunk_bytes, self.chunks_per_block * np.asarray(written_blocks))
+        b = self.block
+        return self.p.d2h.time(b.chunk_bytes, b.chunks_per_block * np.asarray(written_blocks))
 
 
 def class_totals(ops: list[OpCost], steps: int) -> np.ndarray:

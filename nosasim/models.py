@@ -1,8 +1,10 @@
 """Model shapes (presets and custom) and the one validated configuration of a replay.
 
-A :class:`ModelSpec` is everything the cost and memory models need about a decoder: its GEMM shapes, attention
-shape and vocabulary. :class:`ReplayConfig` is the whole configuration of one prediction (variant, budgets, cache,
-batch); it is validated once when built and passed whole, and the help text of its fields is the CLI's help.
+A :class:`ModelSpec` is everything the cost and memory models, and the GPU runtime, need about a decoder: its GEMM
+shapes, attention shape and vocabulary. :class:`ReplayConfig` is the whole configuration of one prediction
+(variant, budgets, cache, batch); it is validated once when built and passed whole, and the help text of its fields
+is the CLI's help. Its budget fields are the user's request, filled from the trace by ``nosasim.sim.resolve``; the
+resolved, validated value is :attr:`ReplayConfig.budget`, a :class:`nosasim.contract.Budget`.
 """
 
 from __future__ import annotations
@@ -11,9 +13,9 @@ import json
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
+from nosasim.contract import KV_DTYPES, POLICIES, VARIANTS, BlockShape, Budget, choice, count
+
 PRESET_DIR = Path(__file__).with_name("presets")
-VARIANTS = ("dense", "infllmv2", "nosa")
-POLICIES = ("prev", "lru", "lfu", "static", "belady")
 _SHAPE_INTS = ("layers", "q_heads", "kv_heads", "head_dim", "hidden", "intermediate", "vocab", "dtype_bytes")
 
 
@@ -60,9 +62,15 @@ class ModelSpec:
     def weight_bytes(self, dtype_bytes: int | None = None) -> int:
         return self.params * (self.dtype_bytes if dtype_bytes is None else dtype_bytes)
 
+    def block(self, block_size: int = 64, kv_dtype: str | None = None, layout: str = "joint") -> BlockShape:
+        """One KV block of one KV head (the unit the cache holds and moves), stored in ``kv_dtype`` (default: the
+        model's own element type)."""
+        dt = self.dtype_bytes if kv_dtype is None else KV_DTYPES[choice("kv_dtype", kv_dtype, KV_DTYPES)]
+        return BlockShape(self.head_dim, dt, block_size, layout)
+
     def block_bytes(self, block_size: int = 64) -> int:
-        """Bytes of one block of K plus V for one KV head (the unit the cache moves)."""
-        return 2 * block_size * self.head_dim * self.dtype_bytes
+        """Bytes of one block of K plus V for one KV head in the model's element type."""
+        return self.block(block_size).block_bytes
 
 
 def presets() -> list[str]:
@@ -116,7 +124,7 @@ def _opt(default, help: str, **extra):
 
 @dataclass(frozen=True, slots=True)
 class ReplayConfig:
-    """One prediction's configuration. ``None`` budgets take the variant's defaults in ``__post_init__``."""
+    """One prediction's configuration. ``None`` budgets are filled from the trace by ``nosasim.sim.resolve``."""
 
     profile: str = _opt("h100-pcie5", "hardware profile: a bundled name or a profile JSON path")
     model: str | None = _opt(None, "model shape: preset name, JSON file, or key=value list "
@@ -125,53 +133,55 @@ class ReplayConfig:
     batch: int = _opt(1, "sequences decoded together (assembled from the trace's sequences; see docs/simulator.md)")
     k: int | None = _opt(None, "selected blocks per row, tail included (default: the trace's k)")
     k_q: int | None = _opt(None, "query-aware blocks incl. sink and window (default: infllmv2 k, nosa the trace's "
-                                 "or 33)", dest="kq")
-    capacity: int | None = _opt(None, "GPU cache slots for complete blocks per row, >= k (default k)")
+                                 "or sink + window + 16)", dest="kq")
+    capacity: int | None = _opt(None, "GPU cache slots for complete blocks per row, >= k - 1 (default: k - 1, "
+                                      "the most complete blocks a selection holds; k for an imported trace)")
     policy: str = _opt("prev", "cache keep policy", choices=POLICIES)
     microbatches: int = _opt(1, "split the batch so one micro-batch's transfers overlap another's compute (1: none)")
-    sink: int = _opt(1, "always-selected leading blocks (used when reselecting from scores)")
-    window: int = _opt(16, "always-selected trailing blocks, tail included (used when reselecting)")
+    sink: int = _opt(1, "always-selected leading blocks, used when re-selecting from scores")
+    window: int = _opt(16, "always-selected trailing blocks, tail included, used when re-selecting")
     kv_layout: str = _opt("joint", "host KV layout: joint = K and V of a block are one transfer chunk (as "
                                    "runtime/kvstore.py stores them), split = separate K and V chunks",
                           choices=("joint", "split"))
 
     def __post_init__(self):
-        if self.variant not in VARIANTS:
-            raise ValueError(f"variant: expected one of {VARIANTS}, got {self.variant!r}")
-        if self.policy not in POLICIES:
-            raise ValueError(f"policy: expected one of {POLICIES}, got {self.policy!r}")
-        if self.kv_layout not in ("joint", "split"):
-            raise ValueError(f"kv_layout: expected 'joint' or 'split', got {self.kv_layout!r}")
-        for name in ("batch", "microbatches", "sink", "window"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "sink" else 1):
-                raise ValueError(f"{name}: expected a positive integer, got {v!r}")
+        choice("variant", self.variant, VARIANTS)
+        choice("policy", self.policy, POLICIES)
+        choice("kv_layout", self.kv_layout, ("joint", "split"))
+        count("batch", self.batch, 1)
+        count("microbatches", self.microbatches, 1)
         if self.microbatches > self.batch:
             raise ValueError(f"microbatches: expected at most batch ({self.batch}), got {self.microbatches}")
-        if self.variant == "dense" or self.k is None:
-            return  # dense needs no budgets; an unset k is resolved against the trace by with_trace_defaults
-        k = self.k
-        if k < 1:
-            raise ValueError(f"k: expected a positive number of blocks, got {k}")
-        kq = self.k_q
-        if kq is None:
-            kq = k if self.variant == "infllmv2" else min(k, self.sink + self.window + 16)
-            object.__setattr__(self, "k_q", kq)
-        if self.variant == "infllmv2" and kq != k:
-            raise ValueError(f"k_q: infllmv2 selects only query-aware blocks, so k_q must equal k ({k}), got {kq}")
-        if kq > k:
-            raise ValueError(f"k_q: expected at most k ({k}), got {kq} (impossible budget)")
-        if kq < 1:
-            raise ValueError(f"k_q: expected a positive number of blocks, got {kq}")
-        cap = self.capacity if self.capacity is not None else k
-        if cap < k:
-            raise ValueError(f"capacity: expected at least k ({k}) slots so one step's selection fits, got {cap} "
-                             f"(impossible budget)")
-        object.__setattr__(self, "capacity", cap)
+        if self.variant == "dense":
+            return  # dense needs no budgets
+        if self.k is None:
+            # Resolved against the trace by nosasim.sim.resolve; check what is given, Budget checks the whole.
+            for name in ("k_q", "capacity"):
+                if getattr(self, name) is not None:
+                    count(name, getattr(self, name), 0)
+            count("sink", self.sink, 0)
+            count("window", self.window, 0)
+            return
+        b = Budget.for_variant(self.variant, self.k, self.k_q, self.sink, self.window, self.capacity)
+        object.__setattr__(self, "k_q", b.k_q)
+        object.__setattr__(self, "capacity", b.capacity)
 
     @property
     def offloaded(self) -> bool:
         return self.variant != "dense"
+
+    @property
+    def budget(self) -> Budget | None:
+        """The validated budget (None for dense)."""
+        if not self.offloaded:
+            return None
+        if self.k is None:
+            raise RuntimeError("ReplayConfig.budget read before nosasim.sim.resolve filled k from the trace: a bug")
+        return Budget(self.k, self.k_q, self.sink, self.window, self.capacity)
+
+    def block(self, model: ModelSpec, block_size: int = 64) -> BlockShape:
+        """The KV block this configuration's cache holds and its link moves."""
+        return model.block(block_size, layout=self.kv_layout)
 
 
 def config_fields():

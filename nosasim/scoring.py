@@ -1,7 +1,7 @@
 """Block scores for selection: InfLLM-V2 query-aware scores and static (query-agnostic) block scores.
 
 This is the CPU reference the recorder uses and the GPU runtime tests its kernels against, so
-every rule is spelled out here once (DESIGN.md, "The method being modelled"):
+every rule is spelled out here once (docs/recording.md, the method's scoring rules):
 
 * **Compressed keys.** Keys are mean-pooled over windows of ``window`` = 32 tokens with stride
   ``stride`` = 16. Window ``i`` covers tokens ``[i * stride, i * stride + window)``; only complete

@@ -3,32 +3,20 @@
 This is the one CPU definition of selection. The synthetic generators, offline re-selection,
 the recorder and the GPU runtime's tests all call it, so they cannot drift apart.
 
-Budget rules (docs/architecture.md): ``k`` counts every selected block including the partial
-tail; ``k_q`` counts the query-aware ones (sink, window with the tail, then top blocks by the
-query-aware score); the remaining ``k - k_q`` go to the highest query-agnostic scores. Only
-complete blocks are returned (the tail is always resident). Ties go to the lower block id; NaN
-scores rank last.
+Budgets are :class:`nosasim.contract.Budget` (docs/contract.md): ``k`` counts every selected
+block including the partial tail; ``k_q`` counts the query-aware ones (sink, window with the
+tail, then top blocks by the query-aware score); the remaining ``k - k_q`` go to the highest
+query-agnostic scores. Only complete blocks are returned (the tail is always resident). Ties go
+to the lower block id; NaN scores rank last.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 
+from .contract import Budget
 from .trace.header import SelectionParams
 from .trace.model import Trace, tails_of
-
-
-def check_budget(k: int, k_q: int | None, sink: int, window: int) -> None:
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
-    if sink < 0 or window < 1:
-        raise ValueError(f"sink must be >= 0 and window >= 1 (the window holds the tail), got {sink}, {window}")
-    if k < sink + window:
-        raise ValueError(f"k ({k}) must be >= sink + window ({sink} + {window})")
-    if k_q is not None and not sink + window <= k_q <= k:
-        raise ValueError(f"k_q ({k_q}) must lie between sink + window ({sink + window}) and k ({k})")
 
 
 def _take_top(score: np.ndarray, allowed: np.ndarray, budget: np.ndarray) -> np.ndarray:
@@ -44,7 +32,7 @@ def _take_top(score: np.ndarray, allowed: np.ndarray, budget: np.ndarray) -> np.
 
 def select_mask(qaware, context_len, *, k, k_q=None, sink=1, window=16, block_size=64, agnostic=None) -> np.ndarray:
     """Selection as a boolean mask over blocks, shape of ``qaware`` (``[..., n_blocks]``)."""
-    check_budget(k, k_q, sink, window)
+    Budget(k, k_q, sink, window)  # the one validation of the budget's fields
     qaware = np.asarray(qaware)
     lead, nb = qaware.shape[:-1], qaware.shape[-1]
     q2 = qaware.reshape(-1, nb)
@@ -89,26 +77,25 @@ def select_blocks(qaware, context_len, *, k, k_q=None, sink=1, window=16, block_
     return mask_to_ids(mask, k)
 
 
-def reselect(trace: Trace, k: int, k_q: int | None = None, sink: int = 1, window: int = 16,
-             agnostic: np.ndarray | None = None, provenance: dict | None = None) -> Trace:
+def reselect(trace: Trace, budget: Budget, agnostic: np.ndarray | None = None,
+             provenance: dict | None = None) -> Trace:
     """A new selection trace from a score trace's ``qaware_score`` (and agnostic scores), no model run.
 
     ``agnostic`` overrides the trace's own ``agnostic_score`` (``[layers, heads, seqs, n_blocks]``).
-    With ``k_q`` None or equal to ``k`` the result is InfLLM-V2 selection.
+    A budget with ``k_q == k`` is InfLLM-V2 selection, one with ``k_q < k`` NOSA's.
     """
     if trace.qaware_score is None:
         raise ValueError("reselect needs a score trace: field 'qaware_score' is missing from this trace")
     agn = trace.agnostic_score if agnostic is None else np.asarray(agnostic, dtype=np.float32)
-    nosa = k_q is not None and k_q < k
+    nosa = budget.agnostic
     if nosa and agn is None:
         raise ValueError("NOSA re-selection (k_q < k) needs query-agnostic scores: field 'agnostic_score' is missing")
     ctx = trace.context_len[:, None, None, :]
-    sel = select_blocks(trace.qaware_score, ctx, k=k, k_q=k_q if nosa else None, sink=sink, window=window,
-                        block_size=trace.block_size, agnostic=agn[None] if nosa else None)
-    params = SelectionParams(method="nosa" if nosa else "infllmv2", k=k, k_q=k_q if nosa else None,
-                             sink_blocks=sink, window_blocks=window)
+    sel = select_blocks(trace.qaware_score, ctx, k=budget.k, k_q=budget.k_q if nosa else None, sink=budget.sink,
+                        window=budget.window, block_size=trace.block_size, agnostic=agn[None] if nosa else None)
+    params = SelectionParams(method="nosa" if nosa else "infllmv2", budget=budget)
     prov = dict(trace.header.provenance)
-    prov["reselected"] = dict(dataclasses.asdict(params), **(provenance or {}))
+    prov["reselected"] = dict(params.to_dict(), **(provenance or {}))
     return Trace.from_arrays(
         sel, trace.context_len, block_size=trace.block_size, model=trace.header.model, selection=params,
         provenance=prov, agnostic_score=agn, qaware_score=trace.qaware_score, attn_mass=trace.attn_mass,
@@ -116,14 +103,15 @@ def reselect(trace: Trace, k: int, k_q: int | None = None, sink: int = 1, window
     )
 
 
-def for_budgets(trace: Trace, k: int, k_q: int, sink: int = 1, window: int = 16) -> Trace:
-    """The trace whose selections match budgets ``(k, k_q)`` (``k_q == k``: InfLLM-V2): the trace itself when it was
-    recorded with them, else a re-selection from its scores (a ValueError when it has none)."""
-    p = trace.header.selection
-    have = (p.k, p.k if p.k_q is None else p.k_q)
-    if have == (k, k_q):
+def for_budget(trace: Trace, budget: Budget) -> Trace:
+    """The trace whose selections are ``budget``'s: the trace itself when it was recorded with the same selection
+    budget, else a re-selection from its scores (a ValueError when it has none)."""
+    have = trace.header.selection.budget
+    if have.same_selection(budget):
         return trace
     if trace.qaware_score is None:
-        raise ValueError(f"--k/--kq: the trace holds selections for k={have[0]}, k_q={have[1]} and no scores to "
-                         f"re-select from, so it cannot replay k={k}, k_q={k_q}; use a score trace or matching budgets")
-    return reselect(trace, k, k_q if k_q < k else None, sink=sink, window=window)
+        raise ValueError(f"--k/--kq: the trace holds selections for k={have.k}, k_q={have.k_q}, sink={have.sink}, "
+                         f"window={have.window} and no scores to re-select from, so it cannot replay k={budget.k}, "
+                         f"k_q={budget.k_q}, sink={budget.sink}, window={budget.window}; use a score trace or "
+                         f"matching budgets")
+    return reselect(trace, budget)

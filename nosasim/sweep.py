@@ -1,7 +1,9 @@
 """Sweeps: many configurations of one trace through the analytic path, in parallel, with a Pareto front.
 
-Points are the Cartesian product of the listed values; impossible ones (``k_q > k``, ``C < k``, more micro-batches
-than sequences) are skipped and counted, not silently dropped. Work is grouped by the policy engine's inputs
+Points are the Cartesian product of the listed values; impossible ones are skipped and counted, not silently
+dropped: budgets the contract refuses (``k_q > k``, ``C < k - 1``, more micro-batches than sequences) when the grid
+is expanded, and, when they are evaluated, points the trace cannot replay (a batch that needs more step-shifted
+copies than the trace has steps, a capacity below the trace's largest selection, budgets it has no scores for). Work is grouped by the policy engine's inputs
 (variant, k, k_q, C, policy): a worker runs the cache once per group and then every batch and micro-batch count
 from that one result. A point whose footprint does not fit the GPU is kept with ``fits = False`` and left off the
 front. When the trace has true attention mass, each point also gets the attention-mass recall of its selections
@@ -28,7 +30,8 @@ COLUMNS = ("variant", "k", "k_q", "capacity", "policy", "batch", "microbatches",
 
 def expand(base: ReplayConfig, grid: dict[str, list]) -> tuple[list[ReplayConfig], int]:
     """Every valid configuration of the grid (unlisted fields from ``base``) and how many were impossible."""
-    values = [grid.get(f) or [getattr(base, f)] for f in GRID_FIELDS]
+    # An unlisted capacity is each point's own default (k - 1 of its k), not the base's value for the base's k.
+    values = [grid.get(f) or [None if f == "capacity" else getattr(base, f)] for f in GRID_FIELDS]
     out, skipped, seen = [], 0, set()
     for combo in itertools.product(*values):
         change = dict(zip(GRID_FIELDS, combo))
@@ -68,8 +71,13 @@ def _init_worker(trace_path: str):
     _TRACE = read_trace(trace_path)
 
 
+def _skipped(cfg: ReplayConfig, why: str) -> dict:
+    return {**{f: getattr(cfg, f) for f in GRID_FIELDS}, "skipped": why}
+
+
 def run_group(cfgs: list[ReplayConfig], trace=None) -> list[dict]:
-    """All points that share one cache configuration: one policy-engine run, then the analytic path per point."""
+    """All points that share one cache configuration: one policy-engine run, then the analytic path per point.
+    A point the trace cannot replay comes back as ``{grid fields..., "skipped": reason}``."""
     from nosasim.sim import predict, resolve, selection_trace
 
     trace = trace if trace is not None else _TRACE
@@ -79,16 +87,24 @@ def run_group(cfgs: list[ReplayConfig], trace=None) -> list[dict]:
         from nosasim.cache.simulate import simulate_cache
 
         key = (id(trace), cfg0.k, cfg0.k_q, cfg0.sink, cfg0.window)
-        if key not in _SELECTIONS:  # re-selection is shared by every capacity and policy of one budget
-            _SELECTIONS.clear()
-            _SELECTIONS[key] = selection_trace(trace, cfg0)
-        sel_trace = _SELECTIONS[key]
-        cache = simulate_cache(sel_trace, cfg0.policy, cfg0.capacity)
+        try:
+            if key not in _SELECTIONS:  # re-selection is shared by every capacity and policy of one budget
+                _SELECTIONS.clear()
+                _SELECTIONS[key] = selection_trace(trace, cfg0)
+            sel_trace = _SELECTIONS[key]
+            cache = simulate_cache(sel_trace, cfg0.policy, cfg0.capacity)
+        except ValueError as exc:  # no scores for these budgets, or C below the largest selection
+            return [_skipped(cfg, str(exc)) for cfg in cfgs]
     recall = _recall(sel_trace)
     rows = []
     for cfg in cfgs:
-        cfg = dataclasses.replace(cfg, model=cfg0.model, k=cfg0.k, k_q=cfg0.k_q, capacity=cfg0.capacity)
-        pred = predict(trace, cfg, cache_result=cache, check_memory=False, resolved=(model, profile))
+        cfg = dataclasses.replace(cfg, model=cfg0.model, k=cfg0.k, k_q=cfg0.k_q, capacity=cfg0.capacity,
+                                  sink=cfg0.sink, window=cfg0.window)
+        try:
+            pred = predict(trace, cfg, cache_result=cache, check_memory=False, resolved=(model, profile))
+        except ValueError as exc:  # e.g. a batch longer than the trace can assemble
+            rows.append(_skipped(cfg, str(exc)))
+            continue
         row = {f: getattr(cfg, f) for f in GRID_FIELDS}
         row.update(fits=pred.gpu_memory_bytes <= usable_bytes(profile), step_time_s=pred.step_time_s,
                    tokens_per_s=pred.tokens_per_s, hit_rate=pred.hit_rate, h2d_bytes_per_step=pred.h2d_bytes_per_step,
@@ -107,8 +123,10 @@ def groups(cfgs: list[ReplayConfig]) -> list[list[ReplayConfig]]:
     return list(by_key.values())
 
 
-def run_sweep(trace_path: str, cfgs: list[ReplayConfig], workers: int = 1, progress: bool = True) -> list[dict]:
-    """Evaluate every configuration; ``workers`` > 1 spreads cache groups over local processes."""
+def run_sweep(trace_path: str, cfgs: list[ReplayConfig], workers: int = 1, progress: bool = True,
+              skipped: list | None = None) -> list[dict]:
+    """Evaluate every configuration; ``workers`` > 1 spreads cache groups over local processes. Points the trace
+    cannot replay are left out of the result and appended to ``skipped`` (grid fields plus the reason)."""
     from tqdm import tqdm
 
     work = groups(cfgs)
@@ -116,16 +134,26 @@ def run_sweep(trace_path: str, cfgs: list[ReplayConfig], workers: int = 1, progr
     bar = tqdm(total=len(cfgs), desc="sweep", unit="point", disable=not progress)
     if workers <= 1:
         _init_worker(trace_path)
-        for g in work:
-            rows += run_group(g)
-            bar.update(len(g))
+        parts = map(run_group, work)
+        pool = None
     else:
         # fork would copy numba's state mid-compilation; spawn gives each worker a clean interpreter.
-        with get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(str(trace_path),)) as pool:
-            for part in pool.imap_unordered(run_group, work):
-                rows += part
-                bar.update(len(part))
-    bar.close()
+        pool = get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(str(trace_path),))
+        parts = pool.imap_unordered(run_group, work)
+    try:
+        for part in parts:
+            for r in part:
+                if "skipped" in r:
+                    if skipped is not None:
+                        skipped.append(r)
+                else:
+                    rows.append(r)
+            bar.update(len(part))
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+        bar.close()
     rows.sort(key=lambda r: tuple(str(r[f]) for f in GRID_FIELDS))
     return rows
 

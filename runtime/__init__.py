@@ -4,6 +4,6 @@ Every GPU line of nosasim lives here. The CPU paths (torch fallbacks of the gath
 the same functions as the Triton kernels, so the logic is testable without a GPU.
 """
 
-from .config import PRESETS, ModelShape, RuntimeConfig
+from .config import PRESETS, RuntimeConfig
 
-__all__ = ["PRESETS", "ModelShape", "RuntimeConfig"]
+__all__ = ["PRESETS", "RuntimeConfig"]

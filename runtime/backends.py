@@ -24,6 +24,8 @@ from dataclasses import dataclass, fields, replace
 import torch
 import torch.nn.functional as F
 
+from nosasim.contract import CMP_STRIDE
+
 from .attention import AttentionPlan, sparse_decode_attention
 from .blockcache import BlockTable, update_table
 from .config import RuntimeConfig
@@ -130,7 +132,7 @@ class OffloadBackend(_Base):
         qaware = cfg.variant in ("infllmv2", "nosa")
         agnostic = cfg.variant == "nosa"
         self.scores = ScoreState.allocate(s.layers, self.R, s.head_dim, cfg.max_tokens, cfg.n_blocks, qaware=qaware,
-                                          agnostic=agnostic, dtype=dt, device=device, stride=cfg.compress_stride,
+                                          agnostic=agnostic, dtype=dt, device=device, stride=CMP_STRIDE,
                                           block_size=cfg.block_size)
         if self.table.static is not None and agnostic:
             self.table.static = self.scores.static  # 'static' keeps blocks by NOSA's own frozen score
@@ -139,7 +141,7 @@ class OffloadBackend(_Base):
         self.row_base = host.row_base(device, cfg.batch)
         self.slot_base = self.rows * (C + 1)
         self.loaded = torch.zeros((cfg.steps, s.layers, self.R), dtype=torch.int32, device=device)
-        self.chunk = cfg.block_bytes()
+        self.chunk = cfg.block.block_bytes
         self.record: list | None = None
         # A copy stream only when micro-batches can overlap; with one part everything stays in stream order.
         self.copy_stream = (torch.cuda.Stream(device) if cfg.microbatches > 1 and torch.device(device).type == "cuda"
@@ -187,7 +189,8 @@ class OffloadBackend(_Base):
             sc = self._part(self.scores, rows)
             qs = qaware_block_scores(sc, layer, q, self.ctx_rows[rows], cfg.n_blocks)
             agn = sc.static[layer, :, : cfg.n_blocks] if cfg.variant == "nosa" else None
-            sel = select_blocks_gpu(qs, self.ctx_rows[rows], k=cfg.k, k_q=cfg.k_q, sink=cfg.sink, window=cfg.window,
+            b = cfg.budget
+            sel = select_blocks_gpu(qs, self.ctx_rows[rows], k=b.k, k_q=b.k_q, sink=b.sink, window=b.window,
                                     block_size=cfg.block_size, agnostic=agn)
         if self.trace_sel is not None:  # trace variant, or replay of realistic selections after the real scoring
             T, Lt, Ht, Bt, K = self.trace_sel.shape

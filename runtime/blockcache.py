@@ -1,4 +1,5 @@
-"""The GPU block table and its per-step update: DESIGN.md's cache semantics in torch ops, with no host sync.
+"""The GPU block table and its per-step update: the cache semantics (docs/cache-semantics.md) in torch ops, with no
+host sync.
 
 Per layer, every row (one sequence and KV head, ``row = seq * kv_heads + head``) owns ``C`` regular slots plus one
 tail slot (index ``C``) in the block pool. ``update_table`` takes the step's selection and decides, for all rows at

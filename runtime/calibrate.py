@@ -12,16 +12,26 @@ from __future__ import annotations
 
 import torch
 
+from nosasim.contract import Budget
+from nosasim.models import ModelSpec, load_model
+
 from .attention import AttentionPlan, sparse_decode_attention
 from .timing import environment, time_cuda, time_graph
 
-LLAMA3_8B_GEMMS = {"qkv_proj": (6144, 4096), "o_proj": (4096, 4096), "gate_up_proj": (28672, 4096),
-                   "down_proj": (4096, 14336), "lm_head": (128256, 4096)}
+DEFAULT_MODEL = "llama3-8b"
 
 
-def gemms(ms=(1, 8, 16, 32, 64, 96, 128, 256), shapes=LLAMA3_8B_GEMMS) -> list[dict]:
+def gemm_shapes(shape: ModelSpec) -> dict[str, tuple[int, int]]:
+    """(n, k) of each GEMM the decoder runs per token, named as nosasim.cost names them."""
+    qkv = (shape.q_heads + 2 * shape.kv_heads) * shape.head_dim
+    return {"qkv_proj": (qkv, shape.hidden), "o_proj": (shape.hidden, shape.q_heads * shape.head_dim),
+            "gate_up_proj": (2 * shape.intermediate, shape.hidden), "down_proj": (shape.hidden, shape.intermediate),
+            "lm_head": (shape.vocab, shape.hidden)}
+
+
+def gemms(shape: ModelSpec, ms=(1, 8, 16, 32, 64, 96, 128, 256)) -> list[dict]:
     out = []
-    for name, (n, k) in shapes.items():
+    for name, (n, k) in gemm_shapes(shape).items():
         w = torch.randn(k, n, device="cuda", dtype=torch.bfloat16)
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -86,8 +96,9 @@ def elementwise(sizes=(1 << 16, 1 << 20, 1 << 24, 1 << 27)) -> list[dict]:
     return out
 
 
-def sparse_attention(batches=(1, 8, 16, 32, 64, 96, 128), ks=(16, 32, 64), q_heads=32, kv_heads=8, d=128) -> list[dict]:
+def sparse_attention(shape: ModelSpec, batches=(1, 8, 16, 32, 64, 96, 128), ks=(16, 32, 64)) -> list[dict]:
     out = []
+    q_heads, kv_heads, d = shape.q_heads, shape.kv_heads, shape.head_dim
     G = q_heads // kv_heads
     for B in batches:
         R = B * kv_heads
@@ -102,16 +113,16 @@ def sparse_attention(batches=(1, 8, 16, 32, 64, 96, 128), ks=(16, 32, 64), q_hea
     return out
 
 
-def dense_attention(points=((1, 4096), (8, 8192), (16, 8192), (32, 8192), (8, 16384), (16, 16384), (8, 32768),
-                            (16, 32768)), variant_shape: str = "llama3-8b") -> list[dict]:
+def dense_attention(shape: ModelSpec, points=((1, 4096), (8, 8192), (16, 8192), (32, 8192), (8, 16384), (16, 16384),
+                                             (8, 32768), (16, 32768))) -> list[dict]:
     """The dense attention phase of one layer exactly as decode runs it (new token written into the tail block,
     block lengths, the attention kernel over every block), alone in a CUDA graph."""
     from dataclasses import replace
 
     from .backends import DenseBackend
-    from .config import PRESETS, RuntimeConfig
+    from .config import RuntimeConfig
 
-    one = replace(PRESETS[variant_shape], layers=1, vocab=16)
+    one = replace(shape, layers=1, vocab=16)
     out = []
     for B, ctx in points:
         be = DenseBackend(RuntimeConfig(one, "dense", batch=B, context=ctx, steps=4), "cuda")
@@ -125,15 +136,14 @@ def dense_attention(points=((1, 4096), (8, 8192), (16, 8192), (32, 8192), (8, 16
     return out
 
 
-def layer_glue(batches=(1, 8, 16, 32, 64, 96, 128), variant_shape: str = "llama3-8b") -> list[dict]:
+def layer_glue(shape: ModelSpec, batches=(1, 8, 16, 32, 64, 96, 128)) -> list[dict]:
     """One layer's token-path work besides the GEMMs and attention, with the decoder's own functions in the
     decoder's order: two RMSNorms, RoPE on q and k, the K/V reshapes, two residual adds, SiLU(gate) * up."""
     import torch.nn.functional as F
 
-    from .config import PRESETS
     from .model import rms_norm, rope
 
-    s = PRESETS[variant_shape]
+    s = shape
     D, H = s.head_dim, s.kv_heads
     w = torch.ones(s.hidden, device="cuda", dtype=torch.bfloat16)
     out = []
@@ -165,8 +175,8 @@ def layer_glue(batches=(1, 8, 16, 32, 64, 96, 128), variant_shape: str = "llama3
 PHASE_POINTS = tuple((b, c) for b in (8, 16, 32, 64, 128) for c in (8192, 16384, 32768))
 
 
-def offload_phases(points=PHASE_POINTS, variant: str = "nosa") -> list[dict]:
-    """Per-layer cost of the offloaded path's own work, each phase alone in a CUDA graph (one llama3-8b layer):
+def offload_phases(shape: ModelSpec, points=PHASE_POINTS, variant: str = "nosa") -> list[dict]:
+    """Per-layer cost of the offloaded path's own work, each phase alone in a CUDA graph (one layer of the shape):
     the selection phase exactly as decode runs it (compressed-key and eviction-score update, scoring, top-k), the
     block-table update, and the whole ``attend`` with every selected block resident (no transfer). The first two
     become the profile's ``selection``/``selection_nosa`` and ``block_table`` tables."""
@@ -174,16 +184,16 @@ def offload_phases(points=PHASE_POINTS, variant: str = "nosa") -> list[dict]:
 
     from .backends import OffloadBackend
     from .blockcache import update_table
-    from .config import PRESETS, RuntimeConfig
+    from .config import RuntimeConfig
     from .kvstore import HostStore
     from .model import Weights
     from .selection import append_token
 
-    one = replace(PRESETS["llama3-8b"], layers=1, vocab=16)
+    one = replace(shape, layers=1, vocab=16)
     lw = Weights.random(one, torch.bfloat16, "cuda", 0).layers[0]
     out = []
     for B, ctx in points:
-        cfg = RuntimeConfig(one, variant, batch=B, context=ctx, steps=8, k_q=33 if variant == "nosa" else None,
+        cfg = RuntimeConfig(one, variant, batch=B, context=ctx, steps=8, budget=Budget.for_variant(variant, 64),
                             host_seqs=min(B, 4))
         host = HostStore.allocate(cfg, pin=True)
         host.fill_random(0, "cuda")
@@ -200,7 +210,7 @@ def offload_phases(points=PHASE_POINTS, variant: str = "nosa") -> list[dict]:
             append_token(be.scores, 0, be.pos, k, cis, be.tail_done, be.tail - 1)
             be.select(0, q)
 
-        entry = {"variant": variant, "batch": B, "context": ctx, "rows": be.R, "k": cfg.k, "capacity": cfg.slots,
+        entry = {"variant": variant, "batch": B, "context": ctx, "rows": be.R, "k": cfg.budget.k, "capacity": cfg.slots,
                  "selection_s": time_graph(scoring, inner=4),
                  "block_table_s": time_graph(lambda: update_table(be.table, 0, sel, be.state.step, be.tail_done,
                                                                   be.tail - 1), inner=4),
@@ -271,7 +281,7 @@ def build_profile(name: str, cal: dict, gather: dict, overlap: dict | None = Non
         "ops": {"gemm": [{k: e[k] for k in ("m", "n", "k", "seconds")} for e in cal["gemm"]],
                 "sparse_attention": cal["sparse_attention"], "dense_attention": cal["dense_attention"],
                 "elementwise": cal["elementwise"], "layer_glue": cal["layer_glue"],
-                **phase_tables(cal["offload_phases"], cal["sparse_attention"]),
+                **phase_tables(cal["offload_phases"], cal["sparse_attention"], load_model(cal.get("model", DEFAULT_MODEL))),
                 "gather_h2d": h2d_tab, "writeback_d2h": d2h_tab},
         "notes": (f"launch_s: per-kernel cost of tiny kernels replayed from a CUDA graph (decode steps replay graphs); "
                   f"eager launches cost {c['launch_eager_s'] * 1e6:.1f} us each. Op tables are timed inside CUDA "
@@ -283,19 +293,19 @@ def build_profile(name: str, cal: dict, gather: dict, overlap: dict | None = Non
     return prof
 
 
-def phase_tables(phases: list[dict], sparse: list[dict]) -> dict[str, list[dict]]:
+def phase_tables(phases: list[dict], sparse: list[dict], shape: ModelSpec) -> dict[str, list[dict]]:
     """Profile tables from the per-layer phase timings: selection per variant, block-table update per row count,
     and the offloaded attend path's remaining work (tail moves, copy launches with nothing to copy, new-token
     write): the whole attend with every block resident, less its selection, block-table update and attention
     kernel, each of which was timed alone."""
-    shape = {"q_heads": 32, "kv_heads": 8, "head_dim": 128}
+    dims = {"q_heads": shape.q_heads, "kv_heads": shape.kv_heads, "head_dim": shape.head_dim}
     out = {"selection": [], "selection_nosa": [], "block_table": [], "attend_glue": []}
     attn = {(e["batch"], e["k_blocks"]): e["seconds"] for e in sparse}
     glue: dict[int, list[float]] = {}
     by_rows: dict[tuple, list[float]] = {}
     for e in phases:
         kind = "selection_nosa" if e["variant"] == "nosa" else "selection"
-        out[kind].append({"batch": e["batch"], **shape, "context": e["context"], "seconds": e["selection_s"]})
+        out[kind].append({"batch": e["batch"], **dims, "context": e["context"], "seconds": e["selection_s"]})
         by_rows.setdefault((e["rows"], e["k"], e["capacity"]), []).append(e["block_table_s"])
         if (e["batch"], e["k"]) in attn:
             rest = e["attend_all_hits_s"] - e["selection_s"] - e["block_table_s"] - attn[(e["batch"], e["k"])]
@@ -303,16 +313,18 @@ def phase_tables(phases: list[dict], sparse: list[dict]) -> dict[str, list[dict]
     for (rows, k, cap), ts in sorted(by_rows.items()):
         out["block_table"].append({"rows": rows, "k": k, "capacity": cap, "seconds": sorted(ts)[len(ts) // 2]})
     for b, ts in sorted(glue.items()):
-        out["attend_glue"].append({"batch": b, "kv_heads": 8, "seconds": sorted(ts)[len(ts) // 2]})
+        out["attend_glue"].append({"batch": b, "kv_heads": shape.kv_heads, "seconds": sorted(ts)[len(ts) // 2]})
     return {k: v for k, v in out.items() if v}
 
 
-def run_all() -> dict:
+def run_all(model: str = DEFAULT_MODEL) -> dict:
+    """Every calibration microbenchmark for the shape ``model`` (a preset, JSON file or key=value shape)."""
+    shape = load_model(model)
     free, total = torch.cuda.mem_get_info()
-    cal = {"reserved_bytes": max(0, total - free), "ceilings": ceilings(), "gemm": gemms(),
-           "elementwise": elementwise(), "sparse_attention": sparse_attention(), "dense_attention": dense_attention(),
-           "layer_glue": layer_glue(),
-           "offload_phases": offload_phases(variant="infllmv2") + offload_phases(variant="nosa")}
+    cal = {"model": model, "reserved_bytes": max(0, total - free), "ceilings": ceilings(), "gemm": gemms(shape),
+           "elementwise": elementwise(), "sparse_attention": sparse_attention(shape),
+           "dense_attention": dense_attention(shape), "layer_glue": layer_glue(shape),
+           "offload_phases": offload_phases(shape, variant="infllmv2") + offload_phases(shape, variant="nosa")}
     for k in ("sparse_attention", "dense_attention", "elementwise", "layer_glue"):
         for e in cal[k]:
             e["seconds"] = max(e["seconds"], 1e-9)

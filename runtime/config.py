@@ -1,20 +1,23 @@
-"""Model shapes and the one runtime configuration, validated when built."""
+"""The one runtime configuration, validated when built. Shapes, budgets and memory are the contract's.
+
+Model shapes are nosasim's (``nosasim.models.ModelSpec``, presets in nosasim/presets/*.json), the budget is a
+``nosasim.contract.Budget`` and the device memory plan is ``nosasim.memory.plan``: the runtime runs, and
+allocates, exactly what the simulator predicts.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from nosasim import memory
+from nosasim.contract import (ONLINE_POLICIES, TRACE_VARIANT, VARIANTS, BlockShape, Budget, choice, count,
+                              n_blocks)
 from nosasim.models import ModelSpec, load_model
 
-VARIANTS = ("dense", "infllmv2", "nosa", "trace")
-POLICIES = ("prev", "lru", "lfu", "static")
-
-
-# Model shapes are nosasim's (nosasim/presets/*.json): the runtime runs exactly the shapes the simulator predicts.
-ModelShape = ModelSpec
-PRESETS: dict[str, ModelShape] = {name: load_model(name) for name in ("llama3-8b", "smollm2-135m")}
+PRESETS: dict[str, ModelSpec] = {name: load_model(name) for name in ("llama3-8b", "smollm2-135m")}
 # A few-layer toy for CPU tests: every code path, small enough to run in milliseconds.
-PRESETS["tiny"] = ModelShape("tiny", 2, 4, 2, 16, 64, 128, 97)
+PRESETS["tiny"] = ModelSpec("tiny", 2, 4, 2, 16, 64, 128, 97)
+DTYPES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,75 +25,63 @@ class RuntimeConfig:
     """Everything one decode run needs besides the weights.
 
     ``context`` is the prompt length: at the first decode step the cache holds ``context + 1`` tokens (the new one
-    included), as in the trace format. ``capacity`` is ``C``, the GPU slots for complete blocks per (layer, KV head,
-    sequence); the tail has its own slot. ``microbatches`` splits the batch into contiguous, nearly equal groups of
-    sequences whose transfers overlap the other groups' compute (``nosasim.batch.microbatch_groups``);
-    ``gather_programs`` > 0 runs the copies as that many persistent programs (``runtime.gather``), which leaves the
-    SMs to the overlapping compute. ``host_seqs`` < ``batch`` lets sequences share host rows (benchmarks only:
-    the bytes moved are the same, the host store's contents are not meaningful).
+    included), as in the trace format. ``budget`` holds ``k``, ``k_q``, sink, window and ``C`` (the GPU slots for
+    complete blocks per (layer, KV head, sequence); the tail has its own slot); ``None`` is the variant's default
+    (``k = 64``, NOSA's released split, ``C = k - 1``). ``microbatches`` splits the batch into contiguous, nearly
+    equal groups of sequences whose transfers overlap the other groups' compute
+    (``nosasim.contract.microbatch_groups``); ``gather_programs`` > 0 runs the copies as that many persistent
+    programs (``runtime.gather``), which leaves the SMs to the overlapping compute. ``host_seqs`` < ``batch`` lets
+    sequences share host rows (benchmarks only: the bytes moved are the same, the host store's contents are not
+    meaningful).
     """
 
-    shape: ModelShape
+    shape: ModelSpec
     variant: str = "nosa"
     batch: int = 1
     context: int = 4096
     steps: int = 128
-    k: int = 64
-    k_q: int | None = None
-    capacity: int | None = None
+    budget: Budget | None = None
     policy: str = "prev"
     block_size: int = 64
-    sink: int = 1
-    window: int = 16
     dtype: str = "bfloat16"
     host_seqs: int | None = None
-    compress_size: int = 32
-    compress_stride: int = 16
     microbatches: int = 1
     gather_programs: int = 0
 
     def __post_init__(self):
-        if self.variant not in VARIANTS:
-            raise ValueError(f"RuntimeConfig.variant must be one of {VARIANTS}, got {self.variant!r}")
-        if self.policy not in POLICIES:
-            raise ValueError(f"RuntimeConfig.policy must be one of {POLICIES}, got {self.policy!r}")
-        if self.dtype not in ("bfloat16", "float16", "float32"):
-            raise ValueError(f"RuntimeConfig.dtype must be bfloat16, float16 or float32, got {self.dtype!r}")
-        for f in ("batch", "context", "steps", "k", "block_size"):
-            if getattr(self, f) < 1:
-                raise ValueError(f"RuntimeConfig.{f} must be >= 1, got {getattr(self, f)}")
-        if self.k < self.sink + self.window:
-            raise ValueError(f"RuntimeConfig.k ({self.k}) must be >= sink + window ({self.sink + self.window})")
-        if self.k_q is not None and not self.sink + self.window <= self.k_q <= self.k:
-            raise ValueError(f"RuntimeConfig.k_q must lie in [sink + window, k] = [{self.sink + self.window}, "
-                             f"{self.k}], got {self.k_q}")
-        if self.variant == "nosa" and (self.k_q is None or self.k_q >= self.k):
-            raise ValueError(f"RuntimeConfig.k_q must be < k for variant nosa, got k_q={self.k_q}, k={self.k}")
-        if self.policy == "static" and self.variant not in ("nosa", "trace"):
+        choice("RuntimeConfig.variant", self.variant, VARIANTS + (TRACE_VARIANT,))
+        choice("RuntimeConfig.policy", self.policy, ONLINE_POLICIES)
+        choice("RuntimeConfig.dtype", self.dtype, DTYPES)
+        for f in ("batch", "context", "steps", "block_size"):
+            count(f"RuntimeConfig.{f}", getattr(self, f), 1)
+        if self.variant == "dense":
+            if self.budget is not None:
+                raise ValueError("RuntimeConfig.budget: dense attention selects nothing, expected None")
+        elif self.budget is None:
+            object.__setattr__(self, "budget", Budget.for_variant(self.variant, 64))
+        elif not isinstance(self.budget, Budget):
+            raise ValueError(f"RuntimeConfig.budget: expected a nosasim.contract.Budget, got {self.budget!r}")
+        else:
+            b = self.budget
+            Budget.for_variant(self.variant, b.k, b.k_q, b.sink, b.window, b.capacity)  # the variant's own rules
+        if self.policy == "static" and self.variant not in ("nosa", TRACE_VARIANT):
             raise ValueError(f"RuntimeConfig.policy 'static' ranks blocks by NOSA's eviction score: it needs variant "
                              f"nosa (or trace, with the trace's scores), got {self.variant!r}")
-        if self.capacity is not None and self.capacity < self.k - 1:
-            raise ValueError(f"RuntimeConfig.capacity ({self.capacity}) must be >= k - 1 ({self.k - 1}): every "
-                             f"selected complete block needs a slot")
-        if self.gather_programs < 0:
-            raise ValueError(f"RuntimeConfig.gather_programs must be >= 0 (0: a program per entry), got "
-                             f"{self.gather_programs}")
-        if not 1 <= self.microbatches <= self.batch:
+        count("RuntimeConfig.gather_programs", self.gather_programs, 0)
+        count("RuntimeConfig.microbatches", self.microbatches, 1)
+        if self.microbatches > self.batch:
             raise ValueError(f"RuntimeConfig.microbatches must lie in [1, batch={self.batch}], got {self.microbatches}")
         if self.host_seqs is not None and not 1 <= self.host_seqs <= self.batch:
             raise ValueError(f"RuntimeConfig.host_seqs must lie in [1, batch], got {self.host_seqs}")
-        if self.block_size % self.compress_stride or self.compress_size != 2 * self.compress_stride:
-            raise ValueError("RuntimeConfig: compressed keys need size == 2 * stride and stride dividing block_size")
 
-    # Derived sizes: one place, so memory checks and allocations agree.
     @property
     def offloaded(self) -> bool:
         return self.variant != "dense"
 
     @property
     def slots(self) -> int:
-        """Regular slots per row: ``C`` (default ``k - 1``, NOSI's fixed cache of the selected blocks)."""
-        return self.k - 1 if self.capacity is None else self.capacity
+        """Regular slots per row: the budget's ``C``."""
+        return self.budget.capacity
 
     @property
     def max_tokens(self) -> int:
@@ -99,7 +90,7 @@ class RuntimeConfig:
     @property
     def n_blocks(self) -> int:
         """Blocks per row that ever exist, the tail of the last step included."""
-        return (self.max_tokens - 1) // self.block_size + 1
+        return n_blocks(self.max_tokens, self.block_size)
 
     @property
     def n_host_seqs(self) -> int:
@@ -107,36 +98,31 @@ class RuntimeConfig:
 
     @property
     def dtype_bytes(self) -> int:
-        return 4 if self.dtype == "float32" else 2
+        return DTYPES[self.dtype]
 
-    def block_bytes(self) -> int:
+    @property
+    def block(self) -> BlockShape:
         """One block of K plus V of one (layer, KV head, sequence): one transfer chunk."""
-        return 2 * self.block_size * self.shape.head_dim * self.dtype_bytes
+        return BlockShape(self.shape.head_dim, self.dtype_bytes, self.block_size)
 
     def gpu_bytes(self) -> dict[str, int]:
-        """Planned device memory by part (weights, block pool, metadata), checked before anything is allocated."""
-        s, bs = self.shape, self.block_size
-        rows = s.layers * s.kv_heads * self.batch
-        out = {"weights": s.weight_bytes(self.dtype_bytes)}
+        """Planned device memory by part (``nosasim.memory.plan``, the simulator's own), plus the run's per-step
+        loaded-block counters (measurement only), checked before anything is allocated."""
+        out = memory.plan(self.model_for_memory, self.variant, self.budget, self.policy, self.batch,
+                          self.max_tokens, self.block)
         if self.offloaded:
-            out["block_pool"] = rows * (self.slots + 1) * self.block_bytes()
-            out["block_table"] = rows * (self.slots * 4 + self.n_blocks * 8 * 2)
-            nc = self.max_tokens // self.compress_stride
-            out["compressed_keys"] = rows * nc * s.head_dim * self.dtype_bytes if self.variant != "trace" else 0
-            out["token_bias"] = rows * self.n_blocks * bs * 4 if self.variant == "nosa" else 0
-        else:
-            out["kv_cache"] = rows * self.n_blocks * self.block_bytes()
-        # Activations and scratch: logits plus a few hidden-sized buffers per sequence, and selection scores.
-        out["scratch"] = self.batch * (s.vocab * 4 + 8 * max(s.hidden, s.intermediate) * 4)
-        if self.offloaded and self.variant != "trace":
-            out["scratch"] += 4 * self.batch * s.q_heads * (self.max_tokens // self.compress_stride) * 4
+            out["step_counters"] = self.steps * self.shape.layers * self.shape.kv_heads * self.batch * 4
         return out
+
+    @property
+    def model_for_memory(self) -> ModelSpec:
+        """The shape with this run's element type (weights, compressed keys), as the memory plan sizes it."""
+        return replace(self.shape, dtype_bytes=self.dtype_bytes)
 
     def host_bytes(self) -> int:
         if not self.offloaded:
             return 0
-        s = self.shape
-        return s.layers * self.n_host_seqs * s.kv_heads * self.n_blocks * self.block_bytes()
+        return memory.host_kv_bytes(self.shape, self.n_host_seqs, self.max_tokens, self.block)
 
     def with_(self, **changes) -> "RuntimeConfig":
         return replace(self, **changes)

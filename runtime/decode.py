@@ -1,6 +1,6 @@
 """The decode loop: build a variant, check it fits before allocating, step it, time it.
 
-Timing follows DESIGN.md's protocol: CUDA events around each step, the median of at least 64 steps after warm-up.
+Timing follows the validation protocol (docs/validation.md): CUDA events around each step, the median of at least 64 steps after warm-up.
 On a GPU the step is captured once as a CUDA graph (all state it reads is on the device) and replayed, so launch
 gaps of the ~30 small kernels per layer don't count against the runtime; ``graph=False`` times eager steps.
 """
@@ -13,24 +13,29 @@ from dataclasses import dataclass
 
 import torch
 
+from nosasim import memory
+
 from .backends import DenseBackend, OffloadBackend
 from .config import RuntimeConfig
 from .kvstore import HostStore
 from .model import Decoder, Weights
 
+USABLE_SHARE = 0.96  # of the device's free memory: the allocator's rounding and CUDA graph pools need the rest
+
 
 def check_fits(cfg: RuntimeConfig, device, weights_given: bool) -> dict[str, int]:
-    """ValueError, before anything is allocated, if the configuration does not fit the device's free memory."""
+    """ValueError, before anything is allocated, if the plan (``nosasim.memory.plan``, the simulator's) does not fit
+    the device's free memory; the message gives the largest batch that would (``nosasim.memory.largest_batch``)."""
     need = cfg.gpu_bytes()
     if weights_given:
-        need["weights"] = 0
+        need["weights"] = need["eviction_head"] = 0
     if torch.device(device).type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        total = sum(need.values())
-        if total > 0.96 * free:
-            parts = ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in need.items() if v)
-            raise ValueError(f"{cfg.variant} at batch {cfg.batch}, context {cfg.context} needs {total / 2**30:.1f} GiB "
-                             f"({parts}) but {free / 2**30:.1f} GiB of GPU memory is free")
+        usable = USABLE_SHARE * free
+        largest = memory.largest_batch(usable, cfg.model_for_memory, cfg.variant, cfg.budget, cfg.policy,
+                                       cfg.max_tokens, cfg.block, weights_resident=weights_given)
+        memory.refuse_unless_fits(usable, need, f"{cfg.variant} at batch {cfg.batch}, context {cfg.context}",
+                                  largest)
     return need
 
 

@@ -29,6 +29,7 @@ def main(argv=None) -> int:
     ap.add_argument("--peer", default="8,16384")
     ap.add_argument("--e2e", default="", help="comma-separated name fragments: run only matching e2e configs")
     ap.add_argument("--gather-json", default=None, help="an earlier gather result for the profile's link tables")
+    ap.add_argument("--model", default="llama3-8b", help="model shape to calibrate (preset, JSON file or key=value)")
     a = ap.parse_args(argv)
     t0 = time.time()
     os.makedirs(a.out, exist_ok=True)
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
                 lines.append(bench_decode.table(res))
             elif stage == "calib":
                 from . import calibrate
-                cal = calibrate.run_all()
+                cal = calibrate.run_all(a.model)
                 write_json(os.path.join(a.out, "calibration.json"), {"env": environment(), **cal})
                 for path in (os.path.join(a.out, "gather.json"), a.gather_json):
                     if gather is None and path and os.path.exists(path):
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
                                  f"attend (all hits) {e['attend_all_hits_s'] * 1e6:.0f} us per layer")
             elif stage == "e2e":
                 from . import e2e
-                pick = [c for c in e2e.CONFIGS if not a.e2e or any(n in c[0] for n in a.e2e.split(","))]
+                pick = [c for c in e2e.CONFIGS if not a.e2e or any(n in c.name for n in a.e2e.split(","))]
                 res = e2e.run(os.path.join(a.out, "e2e.json"), budget_s=max(30, left() - 30), configs=pick)
                 lines.append(e2e.table(res))
             elif stage == "peer":

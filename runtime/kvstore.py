@@ -2,7 +2,7 @@
 
 Layout ``[layers, host_seqs, kv_heads, n_blocks, 2, block_size, head_dim]``: K then V of one block sit together, so a
 miss is one chunk of ``2 * 64 * head_dim`` elements (32 KiB at head dim 128 in bf16), the chunk size at which the
-zero-copy gather reached 93% of the link's peak (DESIGN.md). Prefill is not run: the prompt's K/V are filled in
+zero-copy gather reached 93% of the link's peak (docs/runtime.md). Prefill is not run: the prompt's K/V are filled in
 (random, or given) and the first decode step starts cold, as in the cache semantics.
 """
 

@@ -13,10 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from nosasim.batch import microbatch_groups
-from nosasim.sim.schedule import program  # the simulator's issue order itself (numpy only, no simpy)
-
-from .config import ModelShape
+from nosasim.contract import microbatch_groups, program  # the simulator's split and issue order themselves
+from nosasim.models import ModelSpec
 
 
 @dataclass
@@ -39,7 +37,7 @@ class Weights:
     lm_head: torch.Tensor
 
     @classmethod
-    def random(cls, shape: ModelShape, dtype=torch.bfloat16, device="cpu", seed: int = 0) -> "Weights":
+    def random(cls, shape: ModelSpec, dtype=torch.bfloat16, device="cpu", seed: int = 0) -> "Weights":
         """Random weights scaled by 1/sqrt(fan-in), so activations stay O(1) through every layer."""
         g = torch.Generator(device=device).manual_seed(seed)
 
@@ -73,11 +71,11 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 class Decoder:
     """Token path of one decode step; ``backend.attend`` does everything KV-related."""
 
-    def __init__(self, shape: ModelShape, weights: Weights, backend, tokens: torch.Tensor, theta: float = 500000.0,
+    def __init__(self, shape: ModelSpec, weights: Weights, backend, tokens: torch.Tensor, theta: float = 500000.0,
                  microbatches: int = 1):
         self.shape, self.w, self.backend, self.tokens = shape, weights, backend, tokens
         # The simulator's split of the batch: contiguous, nearly equal groups of sequences.
-        self.groups = [(int(g[0]), int(g[-1]) + 1) for g in microbatch_groups(tokens.shape[0], microbatches)]
+        self.groups = [(g.start, g.stop) for g in microbatch_groups(tokens.shape[0], microbatches)]
         d = shape.head_dim
         self.inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, device=tokens.device, dtype=torch.float32) / d)
 

@@ -25,13 +25,15 @@ from __future__ import annotations
 
 import torch
 
+from nosasim import contract
+
 try:  # Triton is only on GPU machines (and in the CPU interpreter for tests); blockcache's torch path is the fallback.
     import triton
     import triton.language as tl
 except ImportError:  # pragma: no cover - exercised on machines without triton
     triton = None
 
-POLICY_CODES = {"prev": 0, "lru": 1, "lfu": 2, "static": 3}
+POLICY_CODES = {p: contract.POLICY_CODES[p] for p in contract.ONLINE_POLICIES}  # the kernel's POLICY constexpr
 
 if triton is not None:
 

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from nosasim.batch import microbatch_groups, per_layer_seq, per_microbatch, plan_batch
+from nosasim.batch import per_layer_seq, per_microbatch, plan_batch
+from nosasim.contract import microbatch_groups
 
 
 def test_batch_within_trace_takes_first_sequences():

@@ -66,7 +66,7 @@ def test_transfer_chunks_follow_the_host_layout(layout, chunk, per_block):
     p = load_profile("h100-pcie5")
     c = CostModel(p, load_model("smollm2-135m"), ReplayConfig(variant="nosa", k=64, kv_layout=layout))
     # head_dim 64: a block of K plus V is 16 KiB; joint moves it as one chunk, split as K and V chunks of 8 KiB.
-    assert c.chunk_bytes == chunk
+    assert c.block.chunk_bytes == chunk and c.block.chunks_per_block == per_block
     assert float(c.gather_time(256)) == pytest.approx(float(p.h2d.time(chunk, 256 * per_block)), rel=1e-12)
     assert float(c.gather_time(0)) == 0.0
     assert float(c.writeback_time(3)) == pytest.approx(float(p.d2h.time(chunk, 3 * per_block)), rel=1e-12)

@@ -44,13 +44,13 @@ def test_bad_models(spec, match):
 def test_config_defaults_per_variant():
     assert ReplayConfig(variant="nosa", k=64).k_q == 33
     assert ReplayConfig(variant="infllmv2", k=64).k_q == 64
-    assert ReplayConfig(variant="nosa", k=64).capacity == 64
+    assert ReplayConfig(variant="nosa", k=64).capacity == 63  # k counts the tail, which has its own slot
     assert ReplayConfig(variant="dense").k is None
 
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(k=64, k_q=65), "impossible"),
-    (dict(k=64, capacity=63), "capacity"),
+    (dict(k=64, capacity=62), "capacity"),
     (dict(variant="infllmv2", k=64, k_q=33), "k_q must equal k"),
     (dict(variant="sparse"), "variant"),
     (dict(policy="fifo"), "policy"),

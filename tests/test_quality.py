@@ -5,6 +5,7 @@ import pytest
 
 from nosasim.quality import recall, recall_summary, summarize
 from nosasim.select import select_blocks
+from nosasim.contract import Budget
 from nosasim.trace import ModelShape, SelectionParams, Trace
 
 
@@ -20,7 +21,7 @@ def random_score_trace(seed=0, steps=12, layers=2, heads=2, prompt=600, k=6, k_q
     agn = rng.random((layers, heads, 1, nb)).astype(np.float32)
     sel = select_blocks(qaware, ctx[:, None, None, :], k=k, k_q=k_q, sink=1, window=2, agnostic=agn[None])
     return Trace.from_arrays(sel, ctx, model=ModelShape(layers, heads, 64),
-                             selection=SelectionParams("nosa", k, k_q, 1, 2),
+                             selection=SelectionParams("nosa", Budget(k, k_q, 1, 2)),
                              agnostic_score=agn, qaware_score=qaware, attn_mass=mass)
 
 

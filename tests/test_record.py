@@ -12,10 +12,11 @@ from nosasim import scoring  # noqa: E402
 from nosasim.cli import main as nosasim_main  # noqa: E402
 from nosasim.trace import read_trace, write_trace  # noqa: E402
 from traces import proxies  # noqa: E402
+from nosasim.contract import Budget  # noqa: E402
 from traces.record import RecordConfig, record  # noqa: E402
 
 PROMPT, STEPS = 250, 40
-CFG = RecordConfig(steps=STEPS, k=5, k_q=3, sink=1, window=2)
+CFG = RecordConfig(steps=STEPS, budget=Budget(5, 3, 1, 2))
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +130,7 @@ def test_eviction_head_proxy_and_bad_names():
     with pytest.raises(ValueError, match="proxy must be one of"):
         RecordConfig(proxy="entropy")
     with pytest.raises(ValueError, match="k_q"):
-        RecordConfig(k=64, k_q=10)
+        RecordConfig(budget=Budget(64, 10))
 
 
 @pytest.mark.realmodel

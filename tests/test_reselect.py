@@ -9,6 +9,7 @@ import pytest
 from nosasim.cli import main
 from nosasim.quality import recall
 from nosasim.select import select_blocks
+from nosasim.contract import Budget
 from nosasim.trace import ModelShape, SelectionParams, Trace, read_trace, tails_of, write_trace
 
 SAMPLES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "traces", "samples", "*.nosatrace")))
@@ -26,7 +27,7 @@ def score_trace(seed=0, steps=150, layers=2, heads=2, prompt=1900, k=12, k_q=7, 
     agn = rng.random((layers, heads, 1, nb)).astype(np.float32)
     sel = select_blocks(qaware, ctx[:, None, None, :], k=k, k_q=k_q, sink=1, window=window, agnostic=agn[None])
     return Trace.from_arrays(sel, ctx, model=ModelShape(layers, heads, 64),
-                             selection=SelectionParams("nosa", k, k_q, 1, window), agnostic_score=agn,
+                             selection=SelectionParams("nosa", Budget(k, k_q, 1, window)), agnostic_score=agn,
                              qaware_score=qaware, attn_mass=mass)
 
 
@@ -113,8 +114,8 @@ def test_bundled_samples_reselect_exactly_and_carry_provenance(path):
     s = tr.header.selection
     assert tr.qaware_score is not None and tr.attn_mass is not None and tr.agnostic_score is not None
     assert tr.steps >= 256 and tr.context_len.max() >= 8000
-    re = select_blocks(tr.qaware_score, tr.context_len[:, None, None, :], k=s.k, k_q=s.k_q, sink=s.sink_blocks,
-                       window=s.window_blocks, agnostic=tr.agnostic_score[None] if s.k_q else None)
+    re = select_blocks(tr.qaware_score, tr.context_len[:, None, None, :], k=s.k, k_q=s.k_q, sink=s.budget.sink,
+                       window=s.budget.window, agnostic=tr.agnostic_score[None] if s.k_q else None)
     np.testing.assert_array_equal(re, tr.sel)
     prov = tr.header.provenance
     assert prov["hook_check"]["rel_err"] < 1e-4 and prov["command"].startswith("python -m traces.record")

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from runtime.backends import OffloadBackend
-from runtime.config import ModelShape, RuntimeConfig
+from nosasim.contract import Budget
+from nosasim.models import ModelSpec
+from runtime.config import RuntimeConfig
 from runtime.decode import Runner, check_fits
 from runtime.kvstore import HostStore
 from runtime.model import Weights
@@ -16,15 +18,15 @@ nosasim_cache = pytest.importorskip("nosasim.cache")
 synth = pytest.importorskip("nosasim.trace.synth")
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
-SHAPE = ModelShape("t", layers=2, q_heads=4, kv_heads=2, head_dim=16, hidden=32, intermediate=32, vocab=11)
+SHAPE = ModelSpec("t", layers=2, q_heads=4, kv_heads=2, head_dim=16, hidden=32, intermediate=32, vocab=11)
 
 
 def _drive(device, policy, capacity, kind="random", steps=40, dtype="float32"):
     # Blocks of 32 tokens: every sequence crosses a block boundary within the few steps a CPU test can afford.
     tr = synth.synthesize(kind, layers=2, heads=2, seqs=3, steps=steps, k=12, context=500, kq=8 if kind == "nosa" else None,
                           window=4, overlap=0.7, seed=3, context_spread=40, block_size=32)
-    cfg = RuntimeConfig(SHAPE, variant="trace", batch=3, context=500, steps=steps, k=12, window=4, policy=policy,
-                        capacity=capacity, dtype=dtype, block_size=32)
+    cfg = RuntimeConfig(SHAPE, variant="trace", batch=3, context=500, steps=steps,
+                        budget=Budget(12, window=4, capacity=capacity), policy=policy, dtype=dtype, block_size=32)
     host = HostStore.allocate(cfg.with_(context=int(tr.context_len[0].max()) - 1), pin=device == "cuda")
     cfg = cfg.with_(context=int(tr.context_len[0].max()) - 1)
     host.fill_random(0, device)
@@ -100,8 +102,8 @@ def test_attention_and_host_store_follow_full_history(device, dtype, tol):
 @pytest.mark.parametrize("variant,k_q,policy", [("dense", None, "prev"), ("infllmv2", None, "lru"),
                                                 ("nosa", 8, "static"), ("nosa", 8, "prev")])
 def test_runner_variants_run_on_cpu(variant, k_q, policy):
-    cfg = RuntimeConfig(SHAPE, variant=variant, batch=2, context=900, steps=12, k=12, k_q=k_q, window=4,
-                        policy=policy, capacity=14, dtype="float32")
+    cfg = RuntimeConfig(SHAPE, variant=variant, batch=2, context=900, steps=12, policy=policy, dtype="float32",
+                        budget=None if variant == "dense" else Budget(12, k_q, window=4, capacity=14))
     r = Runner(cfg, device="cpu", exact_prefill=True)
     t = r.measure(steps=10, warmup=2, graph=False)
     assert len(t.ms) == 10 and all(x > 0 for x in t.ms)
@@ -125,8 +127,8 @@ def test_check_fits_refuses_before_allocating():
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant,k_q", [("dense", None), ("nosa", 8)])
 def test_graph_replay_equals_eager(variant, k_q):
-    cfg = RuntimeConfig(SHAPE, variant=variant, batch=4, context=900, steps=30, k=12, k_q=k_q, window=4, capacity=14,
-                        dtype="float32")
+    cfg = RuntimeConfig(SHAPE, variant=variant, batch=4, context=900, steps=30, dtype="float32",
+                        budget=None if variant == "dense" else Budget(12, k_q, window=4, capacity=14))
     outs = []
     for graph in (False, True):
         r = Runner(cfg, device="cuda", seed=5, weights=Weights.random(SHAPE, torch.float32, "cuda", 5))
@@ -143,8 +145,9 @@ def test_graph_replay_equals_eager(variant, k_q):
 
 
 def _microbatch_run(device, variant, k_q, policy, m, graph=False, steps=16):
-    cfg = RuntimeConfig(SHAPE, variant=variant, batch=5, context=900, steps=steps + 2, k=12, k_q=k_q, window=4,
-                        policy=policy, capacity=14, dtype="float32", microbatches=m)
+    cfg = RuntimeConfig(SHAPE, variant=variant, batch=5, context=900, steps=steps + 2, policy=policy,
+                        budget=None if variant == "dense" else Budget(12, k_q, window=4, capacity=14),
+                        dtype="float32", microbatches=m)
     r = Runner(cfg, device=device, seed=7, exact_prefill=True,
                weights=Weights.random(SHAPE, torch.float32, device, 7))
     toks = []
@@ -177,4 +180,4 @@ def test_microbatches_compute_the_same_step(device, variant, k_q, policy):
 
 def test_microbatches_must_fit_the_batch():
     with pytest.raises(ValueError, match="microbatches"):
-        RuntimeConfig(SHAPE, variant="nosa", batch=2, k=12, k_q=8, window=4, microbatches=3)
+        RuntimeConfig(SHAPE, variant="nosa", batch=2, budget=Budget(12, 8, window=4), microbatches=3)

@@ -1,4 +1,4 @@
-"""nosasim.scoring against brute-force loop references written straight from DESIGN.md's rules."""
+"""nosasim.scoring against brute-force loop references written straight from the method's rules (docs/recording.md)."""
 
 import numpy as np
 import pytest

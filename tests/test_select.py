@@ -84,7 +84,7 @@ def test_synth_is_seeded_and_hits_its_overlap_target():
 def test_reselect_at_recorded_budget_reproduces_synth(kind):
     tr = synthesize(kind, 2, 3, 2, 150, 32, 4000, kq=17, seed=2, window=8)
     p = tr.header.selection
-    again = reselect(tr, p.k, p.k_q, p.sink_blocks, p.window_blocks)
+    again = reselect(tr, p.budget)
     assert np.array_equal(again.sel, tr.sel)
 
 

@@ -103,3 +103,20 @@ def test_parallel_sweep_equals_serial(trace_path):
     parallel = run_sweep(str(trace_path), cfgs, workers=2, progress=False)
     assert len(serial) == 4
     assert [r["tokens_per_s"] for r in serial] == [r["tokens_per_s"] for r in parallel]
+
+
+def test_sweep_skips_and_counts_every_impossible_point(trace_path, tmp_path, capsys):
+    """k_q = 5 breaks the budget rule (below sink + window), a batch of 1,000 needs more step-shifted copies than the
+    48-step trace has: both are skipped and counted, and the sweep finishes with the points that are possible."""
+    out = tmp_path / "skip"
+    code = main(["sweep", str(trace_path), "--model", "smollm2-135m", "--kq", "5,33", "--batch", "2,1000",
+                 "--workers", "1", "--quiet", "--out", str(out)])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["points"] == 1  # k_q 33 at batch 2
+    assert summary["skipped_impossible"] == 2  # k_q 5 at both batches
+    assert summary["skipped_unreplayable"] == 1 and summary["skipped_points"][0]["batch"] == 1000
+    assert "step-shifted copies" in summary["skipped_points"][0]["skipped"]
+    with open(out / "points.csv") as f:
+        assert [(r["k_q"], r["batch"]) for r in csv.DictReader(f)] == [("33", "2")]
+    assert "2 impossible budgets and 1 points the trace cannot replay skipped" in capsys.readouterr().out

@@ -232,7 +232,7 @@ def test_compression_beats_raw_int16_tenfold_on_realistic_traces(tmp_path):
 
 def test_header_validation_names_fields():
     with pytest.raises(ValueError, match="selection.k_q"):
-        SelectionParams(method="nosa", k=10, k_q=11)
+        SelectionParams.from_dict({"method": "nosa", "k": 10, "k_q": 11, "sink_blocks": 1, "window_blocks": 2})
     with pytest.raises(ValueError, match="model.q_heads"):
         ModelShape(layers=2, kv_heads=3, head_dim=64, q_heads=8)
 

@@ -24,7 +24,8 @@ import torch
 
 from nosasim.atomic import atomic_path
 from nosasim.cli.cmd_reselect import sidecar_path
-from nosasim.select import check_budget, select_blocks
+from nosasim.contract import Budget, count
+from nosasim.select import select_blocks
 from nosasim.trace import ModelShape, SelectionParams, Trace, write_trace
 from traces.hook import AttentionTap
 from traces.proxies import PROXIES, make_proxy
@@ -36,13 +37,11 @@ GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 @dataclass(frozen=True)
 class RecordConfig:
-    """What to record: decode steps, the budget of the stored selection, and the agnostic proxy."""
+    """What to record: decode steps, the budget of the stored selection (NOSA's released split by default), and
+    the agnostic proxy."""
 
     steps: int = 256
-    k: int = 64
-    k_q: int | None = 33
-    sink: int = 1
-    window: int = 16
+    budget: Budget = Budget(64, 33)
     block_size: int = 64
     proxy: str = "attn_mass"
     precision: str = "bf16"
@@ -50,13 +49,12 @@ class RecordConfig:
     def __post_init__(self):
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if self.block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
+        count("steps", self.steps, 1)
+        count("block_size", self.block_size, 1)
         if self.proxy not in PROXIES:
             raise ValueError(f"proxy must be one of {sorted(PROXIES)}, got {self.proxy!r}")
-        check_budget(self.k, self.k_q, self.sink, self.window)
+        if not isinstance(self.budget, Budget):
+            raise ValueError(f"budget: expected a nosasim.contract.Budget, got {self.budget!r}")
 
 
 def record(model, input_ids: torch.Tensor, cfg: RecordConfig, provenance: dict | None = None, log=None):
@@ -94,9 +92,10 @@ def record(model, input_ids: torch.Tensor, cfg: RecordConfig, provenance: dict |
     t_total = time.perf_counter() - t0
     qaware = stored_scores(tap.qaware, cfg.precision)  # select from what the trace stores: re-selection is exact
     agn = tap.static[cfg.proxy]
-    nosa = cfg.k_q is not None and cfg.k_q < cfg.k
-    sel = select_blocks(qaware, ctx[:, None, None, :], k=cfg.k, k_q=cfg.k_q if nosa else None, sink=cfg.sink,
-                        window=cfg.window, block_size=cfg.block_size, agnostic=agn[None] if nosa else None)
+    b = cfg.budget
+    nosa = b.agnostic
+    sel = select_blocks(qaware, ctx[:, None, None, :], k=b.k, k_q=b.k_q if nosa else None, sink=b.sink,
+                        window=b.window, block_size=cfg.block_size, agnostic=agn[None] if nosa else None)
     prov = dict(provenance or {})
     prov.update(
         prompt_tokens=int(n_prompt), decode_steps=cfg.steps, generated_token_ids=generated,
@@ -112,8 +111,7 @@ def record(model, input_ids: torch.Tensor, cfg: RecordConfig, provenance: dict |
     )
     model_shape = ModelShape(layers=layers, kv_heads=kv_heads, head_dim=head_dim, dtype_bytes=2,
                              q_heads=c.num_attention_heads, name=prov.get("model_name", ""))
-    params = SelectionParams(method="nosa" if nosa else "infllmv2", k=cfg.k, k_q=cfg.k_q if nosa else None,
-                             sink_blocks=cfg.sink, window_blocks=cfg.window)
+    params = SelectionParams(method="nosa" if nosa else "infllmv2", budget=b)
     trace = Trace.from_arrays(sel, ctx, block_size=cfg.block_size, model=model_shape, selection=params,
                               provenance=prov, agnostic_score=agn, qaware_score=qaware,
                               attn_mass=stored_scores(tap.mass, cfg.precision))
@@ -208,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-o", "--out", required=True, help="output .nosatrace")
     a = p.parse_args(argv)
     try:
-        cfg = RecordConfig(steps=a.steps, k=a.k, k_q=a.kq, sink=a.sink, window=a.window, proxy=a.proxy,
+        cfg = RecordConfig(steps=a.steps, budget=Budget(a.k, a.kq, a.sink, a.window), proxy=a.proxy,
                            precision=a.precision)
         torch.set_num_threads(a.threads)
         model, tok, prov = load_smollm2(a.model_dir)

@@ -13,6 +13,8 @@ from typing import Callable
 
 import numpy as np
 
+from nosasim.contract import default_capacity
+
 from . import kernel
 from .policies import BELADY, STATIC, policy_code
 
@@ -222,12 +224,14 @@ def simulate_arrays(sel, context_len, policy: str = "lru", capacity: int | None 
     """Simulate hand-made arrays in one call: ``sel`` int [steps, rows, width] (-1 padded), ``context_len``
     [steps] (shared by all rows) or [steps, rows], ``static_score`` [rows, n_blocks] for ``static``.
 
-    ``capacity`` defaults to the selection width (the trace's ``k``). With ``record=True`` the result also holds
+    ``capacity`` defaults to the contract's for arrays of unknown origin, the selection width (an imported
+    trace's ``k``: ``nosasim.contract.default_capacity``). With ``record=True`` the result also holds
     the resident set after every step and the blocks evicted at it.
     """
     sel = np.asarray(sel)
     if sel.ndim != 3:
         raise ValueError(f"field 'sel' must have shape [steps, rows, width], got {sel.shape}")
-    engine = CacheEngine(policy, sel.shape[2] if capacity is None else capacity, sel.shape[1], block_size,
+    cap = default_capacity(sel.shape[2], "import") if capacity is None else capacity
+    engine = CacheEngine(policy, cap, sel.shape[1], block_size,
                          static_score, record)
     return engine.feed(sel, context_len)

@@ -24,10 +24,12 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-# Integer codes used inside the numba engine; the order of POLICIES is not significant.
-PREV, LRU, LFU, STATIC, BELADY = 0, 1, 2, 3, 4
+from nosasim import contract
 
-POLICIES: dict[str, str] = {
+# Integer codes used inside the numba engine (the contract's, shared with the runtime's table kernel).
+PREV, LRU, LFU, STATIC, BELADY = (contract.POLICY_CODES[p] for p in ("prev", "lru", "lfu", "static", "belady"))
+
+_DESCRIPTIONS = {
     "prev": (
         "keep exactly the blocks step t attended, evict everything else (NOSI's rule, the authors' inference "
         "system); C does not change the result, though it must still hold the largest selection"
@@ -43,9 +45,10 @@ POLICIES: dict[str, str] = {
         "(the offline optimum: it reads the future, so it needs the whole trace)"
     ),
 }
-"""Policy name -> one-line description (the CLI's help text uses these)."""
+POLICIES: dict[str, str] = {name: _DESCRIPTIONS[name] for name in contract.POLICIES}
+"""Policy name (``nosasim.contract.POLICIES``) -> one-line description (the CLI's help text uses these)."""
 
-POLICY_CODES: dict[str, int] = {"prev": PREV, "lru": LRU, "lfu": LFU, "static": STATIC, "belady": BELADY}
+POLICY_CODES = contract.POLICY_CODES
 
 # Step value meaning "never selected again" inside the engine (int32 max: no trace has that many steps).
 NEVER = np.int64(2**31 - 1)

@@ -13,6 +13,7 @@ from typing import Iterator
 
 import numpy as np
 
+from nosasim.contract import default_capacity
 from nosasim.trace import Trace, TraceReader
 
 from . import kernel
@@ -54,7 +55,8 @@ def simulate_cache(source, policy: str = "lru", capacity: int | None = None, pro
     """Replay ``source`` through a GPU cache of ``capacity`` complete-block slots per (layer, KV head, seq).
 
     ``source``: a :class:`~nosasim.trace.Trace`, a :class:`~nosasim.trace.TraceReader` or a path to a trace
-    file. ``policy``: one of :data:`~nosasim.cache.POLICIES`. ``capacity`` defaults to the trace's ``k``.
+    file. ``policy``: one of :data:`~nosasim.cache.POLICIES`. ``capacity`` defaults to the contract's
+    (``nosasim.contract.default_capacity``: ``k - 1`` for selections made by a budget rule, ``k`` for imported ones).
     ``progress`` shows a bar over chunks on stderr. ``record`` also returns the resident and evicted block
     sets per step (memory: steps x rows x n_blocks bytes each), for step-by-step comparison with the runtime.
     Raises ValueError for bad input: unknown policy, C < max |S_t|, ``static`` without scores, a future block.
@@ -70,7 +72,7 @@ def simulate_cache(source, policy: str = "lru", capacity: int | None = None, pro
     R, T = L * H * B, h.steps if isinstance(owner, TraceReader) else owner.steps
     scores = owner.agnostic_score
     static = None if scores is None else np.asarray(scores).reshape(R, -1)
-    cap = h.k if capacity is None else capacity
+    cap = default_capacity(h.k, h.selection.method) if capacity is None else capacity
     engine = CacheEngine(policy, cap, R, h.block_size, static if policy == "static" else None, record,
                          n_blocks=h.n_blocks, row_label=_row_labeller(L, H, B),
                          first_step=owner.step0 if isinstance(owner, Trace) else 0)

@@ -33,7 +33,8 @@ def register(subparsers) -> None:
                    help="eviction policy (default: %(default)s)")
     p.add_argument("--capacity", "-C", type=int, default=None, metavar="C",
                    help="GPU slots for complete blocks per (layer, KV head, seq); must be >= the largest "
-                        "selection (default: the trace's k)")
+                        "selection (default: k - 1, the most complete blocks a budget-rule selection holds; k for "
+                        "an imported trace)")
     p.add_argument("--json", action="store_true",
                    help="print one JSON object (totals hits, misses, writebacks, hit_rate, per-layer lists) "
                         "instead of a table")

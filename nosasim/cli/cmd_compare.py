@@ -84,7 +84,7 @@ def register(subparsers) -> None:
     p.add_argument("--batch", type=int, default=64, help="sequences per batch (default 64)")
     p.add_argument("--k", type=int, default=64, help="selected blocks per row, tail included (default 64)")
     p.add_argument("--kq", type=int, default=33, help="NOSA's query-aware blocks incl. sink + window (default 33)")
-    p.add_argument("--capacity", type=int, default=None, help="cache slots per row (default k)")
+    p.add_argument("--capacity", type=int, default=None, help="cache slots per row (default k - 1)")
     p.add_argument("--policy", default="prev", help="cache policy (default prev, NOSI's rule)")
     p.add_argument("--microbatches", type=int, default=1, help="micro-batches (default 1)")
     p.add_argument("--plot", default="nosasim-compare.png", help="PNG to write (default nosasim-compare.png)")

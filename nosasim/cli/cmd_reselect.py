@@ -12,6 +12,7 @@ import os
 
 import numpy as np
 
+from ..contract import Budget
 from ..quality import recall_summary
 from ..select import reselect
 from ..trace import read_trace, write_trace
@@ -52,11 +53,11 @@ def run(args) -> int:
         if agn.shape != want:
             raise ValueError(f"--agnostic-score {args.agnostic_score!r}: scores have shape {agn.shape}, "
                              f"expected {want}")
-    k_q = args.kq if args.kq is not None and args.kq < args.k else None
-    out = reselect(trace, args.k, k_q, sink=args.sink, window=args.window, agnostic=agn,
+    budget = Budget(args.k, args.kq, args.sink, args.window)
+    out = reselect(trace, budget, agnostic=agn,
                    provenance={"agnostic_score": args.agnostic_score, "from": os.path.basename(args.trace)})
     size = write_trace(args.out, out)
-    line = (f"wrote {args.out}: {out.header.selection.method} k={args.k} k_q={k_q or args.k}, "
+    line = (f"wrote {args.out}: {out.header.selection.method} k={budget.k} k_q={budget.k_q}, "
             f"{out.steps} steps, {size} bytes")
     if out.attn_mass is not None:
         s = recall_summary(out)

@@ -41,12 +41,17 @@ def _run(args) -> int:
     if not cfgs:
         raise ValueError(f"sweep: all {skipped} combinations are impossible budgets (k_q > k, C < k, ...)")
     workers = args.workers or min(os.cpu_count() or 1, 8)
-    rows = run_sweep(str(path), cfgs, workers=workers, progress=not args.quiet)
+    unreplayable: list[dict] = []
+    rows = run_sweep(str(path), cfgs, workers=workers, progress=not args.quiet, skipped=unreplayable)
+    if not rows:
+        raise ValueError(f"sweep: none of the {len(cfgs)} points can be replayed on this trace; the first reason: "
+                         f"{unreplayable[0]['skipped']}")
     out = Path(args.out)
     front = pareto(rows)
     write_csv(out / "points.csv", rows)
     write_csv(out / "pareto.csv", front)
     summary = {"trace": str(path), "points": len(rows), "skipped_impossible": skipped,
+               "skipped_unreplayable": len(unreplayable), "skipped_points": unreplayable,
                "fitting": sum(r["fits"] for r in rows), "pareto": front}
     if any(r["recall"] is not None for r in rows):
         summary["pareto_recall"] = pareto(rows, x="recall", minimize_x=False)
@@ -54,7 +59,8 @@ def _run(args) -> int:
     atomic_write(out / "summary.json", json.dumps(summary, indent=1, default=str).encode())
     plot_sweep(rows, front, out / "sweep.png", title=f"{path.name} on {base.profile}, {base.model}",
                recall_front=summary.get("pareto_recall"))
-    print(f"{len(rows)} points ({skipped} impossible skipped, {summary['fitting']} fit); Pareto front:")
+    print(f"{len(rows)} points ({skipped} impossible budgets and {len(unreplayable)} points the trace cannot replay "
+          f"skipped, {summary['fitting']} fit); Pareto front:")
     for r in front:
         print(f"  {r['variant']:<8} k={r['k']} k_q={r['k_q']} C={r['capacity']} {r['policy']:<6} batch={r['batch']:<4}"
               f" mb={r['microbatches']}  {r['tokens_per_s']:10.1f} tok/s  {r['gpu_memory_bytes'] / 2**30:7.2f} GiB")

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from nosasim.batch import BatchPlan, microbatch_groups, per_layer_seq, per_microbatch, plan_batch
+from nosasim.batch import BatchPlan, per_layer_seq, per_microbatch, plan_batch
+from nosasim.contract import Budget, default_capacity, microbatch_groups
 from nosasim.cost import CostModel, class_totals
 from nosasim.hardware import Profile, load_profile
 from nosasim.memory import check_fits, footprint, host_kv_bytes, max_batch
@@ -41,25 +42,36 @@ def _preset_for(shape) -> str:
 
 
 def resolve(trace, cfg: ReplayConfig) -> tuple[ReplayConfig, ModelSpec, Profile]:
-    """Fill the config's trace-dependent defaults (model, k, k_q) and load the model shape and profile."""
-    sel = trace.header.selection
+    """Fill the config's trace-dependent defaults (model, budgets, capacity) and load the model shape and profile.
+
+    Without ``k`` the trace's own budget applies (its sink and window too: its selections are replayed as they
+    are); NOSA on a trace recorded with InfLLM-V2 scores re-selects with NOSA's default split. The default capacity
+    is the contract's for the trace's selection method (``nosasim.contract.default_capacity``) when the trace's own
+    selections are replayed, the budget rule's (``k - 1``) when they are re-selected."""
+    have = trace.header.selection.budget
     name = cfg.model or _preset_for(trace.header.model)
     model = load_model(name)
-    changes = {"model": name}
+    changes: dict = {"model": name}
     if cfg.variant != "dense" and cfg.k is None:
-        changes["k"] = sel.k
-        if cfg.k_q is None and cfg.variant == "nosa":
+        k_q = cfg.k_q
+        if k_q is None and cfg.variant == "nosa":
             has_scores = trace.qaware_score is not None and trace.agnostic_score is not None
-            changes["k_q"] = sel.k_q if sel.k_q is not None else (None if has_scores else sel.k)
+            # A NOSA trace keeps its split; an InfLLM-V2 score trace is re-selected with NOSA's default split; an
+            # InfLLM-V2 trace without scores is replayed as it is, with NOSA's costs.
+            k_q = have.k_q if have.agnostic or not has_scores else None
+        want = Budget.for_variant(cfg.variant, have.k, k_q, have.sink, have.window)
+        method = trace.header.selection.method if want.same_selection(have) else "reselect"
+        changes.update(k=want.k, k_q=want.k_q, sink=want.sink, window=want.window,
+                       capacity=cfg.capacity if cfg.capacity is not None else default_capacity(want.k, method))
     cfg = dataclasses.replace(cfg, **changes)
     return cfg, model, load_profile(cfg.profile)
 
 
 def selection_trace(trace, cfg: ReplayConfig):
-    """The trace whose selections match the config's budgets (see ``nosasim.select.for_budgets``)."""
-    from nosasim.select import for_budgets
+    """The trace whose selections match the config's budget (see ``nosasim.select.for_budget``)."""
+    from nosasim.select import for_budget
 
-    return for_budgets(trace, cfg.k, cfg.k_q, sink=cfg.sink, window=cfg.window)
+    return for_budget(trace, cfg.budget)
 
 
 def run_cache(trace, cfg: ReplayConfig):
@@ -80,7 +92,7 @@ def build_inputs(cost: CostModel, context: np.ndarray, misses: np.ndarray, write
     pre_cls, post_cls = [], []
     step_pre_ops, step_post_ops = [], []
     for g in groups:
-        ops_pre, ops_post = cost.layer_ops(len(g), context[:, g].sum(axis=1))
+        ops_pre, ops_post = cost.layer_ops(len(g), context[:, g.start:g.stop].sum(axis=1))
         pre_cls.append(class_totals(ops_pre, steps))
         post_cls.append(class_totals(ops_post, steps))
         emb, head = cost.step_ops(len(g), steps)
@@ -160,13 +172,14 @@ def predict(trace, cfg: ReplayConfig, *, method: str = "analytic", cache_result=
         from nosasim.sim.analytic import simulate
     result = simulate(inputs)
     step, parts = result.median_step()
-    block = model.block_bytes(trace.block_size)
+    block = cfg.block(model, trace.block_size).block_bytes
     return Prediction(
         step_time_s=step, tokens_per_s=cfg.batch / step, breakdown=parts, hit_rate=hit_rate,
         h2d_bytes_per_step=float(misses.sum(axis=(1, 2)).mean() * block),
         d2h_bytes_per_step=float(writebacks.sum(axis=(1, 2)).mean() * block),
-        gpu_memory_bytes=float(sum(mem.values())), memory=mem,
+        gpu_memory_bytes=float(sum(mem.values())), memory={k: float(v) for k, v in mem.items()},
         max_batch=max_batch(profile, model, cfg, ctx_max, trace.block_size),
-        host_kv_bytes=host_kv_bytes(model, cfg.batch, ctx_max, trace.block_size) if cfg.offloaded else 0.0,
+        host_kv_bytes=float(host_kv_bytes(model, cfg.batch, ctx_max, cfg.block(model, trace.block_size)))
+        if cfg.offloaded else 0.0,
         steps=plan.steps, method=method, config=dataclasses.asdict(cfg), step_times=result.step_s,
     )

@@ -1,8 +1,8 @@
-"""What both simulators replay: per-step op durations (``StepInputs``), the issue order (``program``), results.
+"""What both simulators replay: per-step op durations (``StepInputs``), the issue order, results.
 
 The runtime issues one decode step as a fixed program on an in-order compute stream, with gathers (H2D) and
-writebacks (D2H) on their own copy streams. With ``m`` micro-batches the program staggers them,
-``pre(l, 0) .. `` then ``post(l-1, j), pre(l, j)`` for each ``j``, so micro-batch ``j``'s gather overlaps the other
+writebacks (D2H) on their own copy streams; the program is ``nosasim.contract.program``, which the runtime runs
+itself. With ``m`` micro-batches it staggers them, so micro-batch ``j``'s gather overlaps the other
 micro-batches' compute; with ``m = 1`` everything is serial. A step ends when compute is done and both copy streams
 are drained (a step never leaves transfers running into the next; conservative, as writebacks are rare).
 """
@@ -13,17 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from nosasim.contract import program  # noqa: F401 - the issue order, shared with the runtime, re-exported here
 from nosasim.cost import CLASSES
-
-
-def program(layers: int, microbatches: int) -> list[tuple[str, int, int]]:
-    """Issue order of one step: ("pre" | "post", layer, micro-batch). "pre" ends by issuing the layer's transfers."""
-    order = [("pre", 0, j) for j in range(microbatches)]
-    for layer in range(1, layers):
-        for j in range(microbatches):
-            order += [("post", layer - 1, j), ("pre", layer, j)]
-    order += [("post", layers - 1, j) for j in range(microbatches)]
-    return order
 
 
 @dataclass(frozen=True, slots=True)

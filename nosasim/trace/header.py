@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from nosasim.contract import Budget, BlockShape
+
 FORMAT_NAME = "nosasim-trace"
 FORMAT_VERSION = 1
 METHODS = ("random", "infllmv2", "nosa", "import", "recorded", "reselect")
@@ -34,7 +36,7 @@ def _int(value: Any, name: str, minimum: int = 0) -> int:
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The attention shape of the model a trace was recorded on (what sizes a KV block)."""
+    """The attention shape of the model a trace was recorded on (what sizes a KV block: see :meth:`block`)."""
 
     layers: int
     kv_heads: int
@@ -56,9 +58,9 @@ class ModelShape:
                     f"model.kv_heads ({self.kv_heads})"
                 )
 
-    def block_bytes(self, block_size: int) -> int:
-        """Bytes of one block of K plus V for one KV head."""
-        return 2 * block_size * self.head_dim * self.dtype_bytes
+    def block(self, block_size: int) -> BlockShape:
+        """One KV block of the recorded model, as the contract sizes it."""
+        return BlockShape(self.head_dim, self.dtype_bytes, block_size)
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelShape":
@@ -72,46 +74,55 @@ class ModelShape:
         )
 
 
+# The header's names of the budget fields (the file format predates nosasim.contract.Budget's names).
+_FILE_FIELDS = {"k": "k", "k_q": "k_q", "sink": "sink_blocks", "window": "window_blocks"}
+
+
 @dataclass(frozen=True)
 class SelectionParams:
-    """How the selections were made.
+    """How the selections were made: the method and the :class:`~nosasim.contract.Budget` it selected with.
 
-    ``k`` counts every selected block *including the partial tail block* (as the method does);
-    ``k_q`` counts the query-aware ones (sink, window with the tail, top blocks); ``k - k_q``
-    blocks come from the query-agnostic score. ``k_q is None`` means all ``k`` are query-aware.
+    In the file the budget is the fields ``k``, ``k_q`` (``null`` when all ``k`` blocks are query-aware),
+    ``sink_blocks`` and ``window_blocks``; imported selections force nothing (sink and window 0).
     """
 
     method: str
-    k: int
-    k_q: int | None = None
-    sink_blocks: int = 1
-    window_blocks: int = 16
+    budget: Budget
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"trace header: field 'selection.method' must be one of {METHODS}, got {self.method!r}")
-        _int(self.k, "selection.k", 1)
-        _int(self.sink_blocks, "selection.sink_blocks", 0)
-        _int(self.window_blocks, "selection.window_blocks", 0)
-        if self.k_q is not None:
-            _int(self.k_q, "selection.k_q", 0)
-            if self.k_q > self.k:
-                raise ValueError(f"trace header: field 'selection.k_q' ({self.k_q}) must be <= selection.k ({self.k})")
+        if not isinstance(self.budget, Budget):
+            raise ValueError(f"trace header: field 'selection': expected a Budget, got {type(self.budget).__name__}")
+
+    @property
+    def k(self) -> int:
+        return self.budget.k
+
+    @property
+    def k_q(self) -> int | None:
+        """Query-aware blocks, ``None`` when all ``k`` are (as the file stores it)."""
+        return None if self.budget.k_q == self.budget.k else self.budget.k_q
 
     @property
     def k_e(self) -> int:
         """Blocks filled by the query-agnostic score."""
-        return 0 if self.k_q is None else self.k - self.k_q
+        return self.budget.k_e
+
+    def to_dict(self) -> dict:
+        b = self.budget
+        return {"method": self.method, "k": b.k, "k_q": self.k_q, "sink_blocks": b.sink, "window_blocks": b.window}
 
     @classmethod
     def from_dict(cls, d: dict) -> "SelectionParams":
-        return cls(
-            method=_req(d, "method", "selection"),
-            k=_req(d, "k", "selection"),
-            k_q=d.get("k_q"),
-            sink_blocks=_req(d, "sink_blocks", "selection"),
-            window_blocks=_req(d, "window_blocks", "selection"),
-        )
+        fields_ = {name: (d.get(key) if name == "k_q" else _req(d, key, "selection"))
+                   for name, key in _FILE_FIELDS.items()}
+        try:
+            budget = Budget(**fields_)
+        except ValueError as exc:
+            name = str(exc).split(" ", 1)[0].rstrip(":")  # Budget's messages start with the field's name
+            raise ValueError(f"trace header: field 'selection.{_FILE_FIELDS.get(name, name)}': {exc}") from None
+        return cls(method=_req(d, "method", "selection"), budget=budget)
 
 
 @dataclass(frozen=True)
@@ -148,7 +159,7 @@ class TraceHeader:
         return -(-self.steps // self.chunk_steps)
 
     def block_bytes(self) -> int:
-        return self.model.block_bytes(self.block_size)
+        return self.model.block(self.block_size).block_bytes
 
     def replace(self, **changes) -> "TraceHeader":
         return dataclasses.replace(self, **changes)
@@ -159,7 +170,7 @@ class TraceHeader:
             "version": self.version,
             "block_size": self.block_size,
             "model": dataclasses.asdict(self.model),
-            "selection": dataclasses.asdict(self.selection),
+            "selection": self.selection.to_dict(),
             "steps": self.steps,
             "seqs": self.seqs,
             "k": self.k,

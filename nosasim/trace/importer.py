@@ -13,6 +13,7 @@ import zipfile
 
 import numpy as np
 
+from ..contract import Budget
 from .header import ModelShape, SelectionParams
 from .model import Trace
 
@@ -45,7 +46,7 @@ def import_npz(path: str, block_size: int = 64, head_dim: int = 128, dtype_bytes
     k = k or width
     model = ModelShape(layers=layers, kv_heads=heads, head_dim=head_dim, dtype_bytes=dtype_bytes, q_heads=q_heads,
                        name=name)
-    params = SelectionParams(method="import", k=k, sink_blocks=0, window_blocks=0)
+    params = SelectionParams(method="import", budget=Budget(k, None, 0, 0))
     prov = {"source": "import", "file": os.path.basename(path), "command": command}
     return Trace.from_arrays(sel, ctx, block_size=block_size, model=model, selection=params, provenance=prov,
                              agnostic_score=agn, k=k)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..contract import Budget
 from .header import ModelShape, SelectionParams, TraceHeader
 
 
@@ -142,7 +143,7 @@ class Trace:
             raise ValueError(f"field 'context_len' has shape {context_len.shape}, expected {(steps, seqs)}")
         check_context_len(context_len)
         if selection is None:
-            selection = SelectionParams(method="import", k=k or width, sink_blocks=0, window_blocks=0)
+            selection = SelectionParams(method="import", budget=Budget(k or width, None, 0, 0))
         k = selection.k if k is None else k
         if model is None:
             model = ModelShape(layers=layers, kv_heads=heads, head_dim=128)

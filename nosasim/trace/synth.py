@@ -39,7 +39,8 @@ def synthesize(kind: str, layers: int, heads: int, seqs: int, steps: int, k: int
                chunk_steps: int = 128, command: str = "") -> Trace:
     """Generate a trace. ``context`` is the prompt length in tokens; with ``context_spread`` > 0 each
     sequence's prompt is drawn uniformly from ``[context - context_spread, context]``."""
-    from ..select import check_budget, mask_to_ids, select_mask
+    from ..contract import Budget
+    from ..select import mask_to_ids, select_mask
 
     if kind not in KINDS:
         raise ValueError(f"--kind must be one of {KINDS}, got {kind!r}")
@@ -52,14 +53,15 @@ def synthesize(kind: str, layers: int, heads: int, seqs: int, steps: int, k: int
     if not 0.0 <= overlap <= 1.0:
         raise ValueError(f"--overlap must be in [0, 1], got {overlap}")
     if kind == "nosa":
-        kq = 33 if kq is None else kq
-        check_budget(k, kq, sink, window)
-        if kq >= k:
+        budget = Budget(k, 33 if kq is None else kq, sink, window)
+        if not budget.agnostic:
             raise ValueError(f"--kq must be < k for kind nosa (k_e = k - k_q blocks are query-agnostic), got {kq}")
+        kq = budget.k_q
     elif kind == "infllmv2":
-        check_budget(k, None, sink, window)
+        budget = Budget(k, None, sink, window)
         kq = None
     else:
+        budget = Budget(k, None, 0, 0)  # uniformly random picks force no sink or window
         kq = None
     rng = np.random.default_rng(seed)
     prompt = context - rng.integers(0, context_spread + 1, size=seqs) if context_spread else np.full(seqs, context)
@@ -108,8 +110,7 @@ def synthesize(kind: str, layers: int, heads: int, seqs: int, steps: int, k: int
         sel[t] = mask_to_ids(mask, k)
 
     shape5 = (steps, layers, heads, seqs)
-    params = SelectionParams(method=kind, k=k, k_q=kq, sink_blocks=sink if kind != "random" else 0,
-                             window_blocks=window if kind != "random" else 0)
+    params = SelectionParams(method=kind, budget=budget)
     prov = {
         "source": "synthetic", "kind": kind, "seed": seed, "context": context, "context_spread": context_spread,
         "overlap_target": overlap if kind != "random" else None, "recorder": "nosasim.trace.synth v1",
