@@ -33,8 +33,9 @@ BLOCK_SIZE = 64
 """Tokens per KV block (the method's; a trace records its own)."""
 CMP_WINDOW, CMP_STRIDE = 32, 16
 """InfLLM-V2's compressed keys: the mean of 32 consecutive keys, one every 16 tokens."""
-TAIL_SLOTS = 1
-"""GPU slots per (layer, KV head, sequence) for the partial tail block, besides the cache's ``C``."""
+TAIL_SLOTS = 2
+"""GPU slots per (layer, KV head, sequence) for the partial tail block, besides the cache's ``C``: two, used by
+the parity of the tail block, so a block that just completed can be copied out while the next one fills."""
 KV_DTYPES = {"bf16": 2, "fp8": 1}
 """Element types of the KV store and block pool, with their bytes: ``fp8`` (e4m3) halves every block moved."""
 RULE_METHODS = ("random", "infllmv2", "nosa", "recorded", "reselect")

@@ -39,9 +39,10 @@ def _gemm_fb(m, n, k, dt=2):
     return 2.0 * m * n * k, float(dt) * (m * k + k * n + m * n)
 
 
-def _attn_fb(batch_tokens, batch, q_heads, kv_heads, head_dim, dt=2):
-    """Decode attention over ``batch_tokens`` cached tokens summed over the batch (flash-decoding reads K and V once)."""
-    kv_bytes = 2.0 * dt * kv_heads * head_dim * batch_tokens
+def _attn_fb(batch_tokens, batch, q_heads, kv_heads, head_dim, dt=2, kv_dt=None):
+    """Decode attention over ``batch_tokens`` cached tokens summed over the batch (flash-decoding reads K and V once,
+    in their own element type ``kv_dt``, default ``dt``)."""
+    kv_bytes = 2.0 * (dt if kv_dt is None else kv_dt) * kv_heads * head_dim * batch_tokens
     qo_bytes = 2.0 * dt * batch * q_heads * head_dim
     return 4.0 * q_heads * head_dim * batch_tokens, kv_bytes + qo_bytes  # q.K and p.V for every query head
 
@@ -72,8 +73,9 @@ def _table_fb(kind: str, e: dict):
         return _gemm_fb(e["m"], e["n"], e["k"])
     if kind == "elementwise":
         return 0.0, float(e["bytes"])
-    if kind == "sparse_attention":
-        return _attn_fb(e["batch"] * e["k_blocks"] * 64, e["batch"], e["q_heads"], e["kv_heads"], e["head_dim"])
+    if kind in ("sparse_attention", "sparse_attention_fp8"):
+        return _attn_fb(e["batch"] * e["k_blocks"] * 64, e["batch"], e["q_heads"], e["kv_heads"], e["head_dim"],
+                        kv_dt=1 if kind == "sparse_attention_fp8" else 2)
     if kind == "dense_attention":
         return _attn_fb(e["batch"] * e["context"], e["batch"], e["q_heads"], e["kv_heads"], e["head_dim"])
     if kind in ("selection", "selection_nosa"):
@@ -85,7 +87,7 @@ def _table_fb(kind: str, e: dict):
     raise RuntimeError(f"no roofline for table kind {kind!r}: a bug")
 
 
-_MATMUL_KINDS = ("gemm", "sparse_attention", "dense_attention")
+_MATMUL_KINDS = ("gemm", "sparse_attention", "sparse_attention_fp8", "dense_attention")
 # Tables of composite work (chains of small kernels) measured per layer by batch: no single roofline describes
 # them, so their seconds are interpolated linearly in the batch size (and extrapolated along the last segment).
 BATCH_TABLES = ("layer_glue", "attend_glue")
@@ -187,9 +189,9 @@ class CostModel:
             pre.append(OpCost("block_table", "cache", ones * self.op_time(
                 "block_table", 0.0, _table_bytes(rows, cfg.k, cfg.capacity), kernels=2)))
             tokens = ones * b * cfg.k * self.block_size
-            f, by = _attn_fb(tokens, b, m.q_heads, m.kv_heads, m.head_dim, dt)
-            attn = OpCost("sparse_attention", "attention", self.op_time("sparse_attention", f, by + 4.0 * rows * cfg.k,
-                                                                        kernels=2))
+            f, by = _attn_fb(tokens, b, m.q_heads, m.kv_heads, m.head_dim, dt, self.block.dtype_bytes)
+            attn = OpCost("sparse_attention", "attention", self.op_time(self.attention_kind, f,
+                                                                        by + 4.0 * rows * cfg.k, kernels=2))
         else:
             f, by = _attn_fb(ctx_sum, b, m.q_heads, m.kv_heads, m.head_dim, dt)
             attn = OpCost("dense_attention", "attention", self.op_time("dense_attention", f, by, kernels=2))
@@ -204,6 +206,33 @@ class CostModel:
         if glue is not None:  # mlp_norm and silu_mul are inside layer_glue
             post = [op for op in post if op.name not in ("mlp_norm", "silu_mul")]
         return pre, post
+
+    def attention_split(self, b: int, hits: np.ndarray, misses: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Attention of a micro-batch of ``b`` sequences split around its gather (``split_attention``): seconds
+        before the wait (the resident blocks and the tails) and after it (the copied blocks, then the merge of the
+        two softmax results), from ``hits``/``misses`` [..., layers] complete blocks per layer summed over the
+        micro-batch's rows. Each part is one attention launch sized by its share of the tokens."""
+        m = self.m
+        rows = b * m.kv_heads
+        hits, misses = np.asarray(hits, dtype=np.float64), np.asarray(misses, dtype=np.float64)
+        total = hits + misses + rows  # every row's tail is attended with the resident blocks
+        tokens = b * self.cfg.k * self.block_size
+        parts = []
+        for share in ((hits + rows) / total, misses / total):
+            f, by = _attn_fb(tokens * share, b, m.q_heads, m.kv_heads, m.head_dim, m.dtype_bytes,
+                             self.block.dtype_bytes)
+            parts.append(self.op_time(self.attention_kind, f, by + 4.0 * rows * self.cfg.k * share, kernels=2))
+        # The merge reads both partial outputs and log-sum-exps and writes one output.
+        merge = self.elementwise(rows * m.group * (3 * m.head_dim * m.dtype_bytes + 12))
+        return parts[0], parts[1] + merge
+
+    @property
+    def attention_kind(self) -> str:
+        """The calibration table of the sparse attention kernel: its fp8 one for an fp8 block pool, when measured
+        (else the bf16 table, applied to the fp8 kernel's bytes)."""
+        if self.block.dtype_bytes == 1 and "sparse_attention_fp8" in self._curves:
+            return "sparse_attention_fp8"
+        return "sparse_attention"
 
     def step_ops(self, b: int, steps: int) -> tuple[list[OpCost], list[OpCost]]:
         """Once-per-step ops around the layers for a micro-batch: (embedding lookup, final norm + LM head)."""

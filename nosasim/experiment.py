@@ -36,6 +36,8 @@ class E2EConfig:
     microbatches: int = 1
     gather_programs: int = 0
     model: str = "llama3-8b"
+    split_attention: bool = False
+    kv_dtype: str = "bf16"
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -48,6 +50,11 @@ class E2EConfig:
         count(f"{self.name}: batch", self.batch, 1)
         count(f"{self.name}: gather_programs", self.gather_programs, 0)
         count(f"{self.name}: microbatches", self.microbatches, 1)
+        choice(f"{self.name}: kv_dtype", self.kv_dtype, ("bf16", "fp8"))
+        if self.kv_dtype != "bf16" and self.budget is None:
+            raise ValueError(f"{self.name}: kv_dtype: fp8 is for the offloaded store; dense keeps bf16")
+        if not isinstance(self.split_attention, bool) or (self.split_attention and self.budget is None):
+            raise ValueError(f"{self.name}: split_attention: expected a bool, True only for an offloaded variant")
         if self.microbatches > self.batch:
             raise ValueError(f"{self.name}: microbatches: expected at most batch ({self.batch}), got "
                              f"{self.microbatches}")
@@ -68,7 +75,8 @@ class E2EConfig:
                 "variant": self.variant, "batch": self.batch, "k": b.k if b else None, "k_q": b.k_q if b else None,
                 "sink": b.sink if b else None, "window": b.window if b else None,
                 "capacity": b.capacity if b else None, "policy": self.policy, "microbatches": self.microbatches,
-                "gather_programs": self.gather_programs}
+                "gather_programs": self.gather_programs, "split_attention": self.split_attention,
+                "kv_dtype": self.kv_dtype}
 
     @classmethod
     def from_fields(cls, run: dict) -> "E2EConfig":
@@ -89,7 +97,8 @@ class E2EConfig:
             budget = Budget.for_variant(run["variant"], run["k"], run.get("k_q"), sink, window, run.get("capacity"))
         return cls(name=name, source=source, variant=run["variant"], batch=run["batch"], budget=budget,
                    policy=run.get("policy", "prev"), microbatches=run.get("microbatches", 1),
-                   gather_programs=run.get("gather_programs", 0), model=run["model"])
+                   gather_programs=run.get("gather_programs", 0), model=run["model"],
+                   split_attention=run.get("split_attention", False), kv_dtype=run.get("kv_dtype", "bf16"))
 
     def replay_config(self, profile: str):
         """The simulator's configuration of this measurement on ``profile``."""
@@ -98,7 +107,8 @@ class E2EConfig:
         b = self.budget
         budget = {} if b is None else dict(k=b.k, k_q=b.k_q, sink=b.sink, window=b.window, capacity=b.capacity)
         return ReplayConfig(profile=profile, model=self.model, variant=self.variant, batch=self.batch,
-                            policy=self.policy, microbatches=self.microbatches, **budget)
+                            policy=self.policy, microbatches=self.microbatches, split_attention=self.split_attention,
+                            kv_dtype=self.kv_dtype, **budget)
 
 
 def resolve_path(path: str) -> Path:

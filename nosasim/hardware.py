@@ -27,6 +27,7 @@ PROFILE_DIR = Path(__file__).with_name("profiles")
 OP_FIELDS: dict[str, tuple[str, ...]] = {
     "gemm": ("m", "n", "k"),
     "sparse_attention": ("batch", "q_heads", "kv_heads", "head_dim", "k_blocks"),
+    "sparse_attention_fp8": ("batch", "q_heads", "kv_heads", "head_dim", "k_blocks"),
     "dense_attention": ("batch", "q_heads", "kv_heads", "head_dim", "context"),
     "selection": ("batch", "q_heads", "kv_heads", "head_dim", "context"),
     "selection_nosa": ("batch", "q_heads", "kv_heads", "head_dim", "context"),

@@ -138,18 +138,28 @@ class ReplayConfig:
                                       "the most complete blocks a selection holds; k for an imported trace)")
     policy: str = _opt("prev", "cache keep policy", choices=POLICIES)
     microbatches: int = _opt(1, "split the batch so one micro-batch's transfers overlap another's compute (1: none)")
+    split_attention: bool = _opt(False, "attend the resident blocks while the misses copy, then the copied ones, and "
+                                        "merge the two by log-sum-exp (transfers overlap even one micro-batch)")
     sink: int = _opt(1, "always-selected leading blocks, used when re-selecting from scores")
     window: int = _opt(16, "always-selected trailing blocks, tail included, used when re-selecting")
     kv_layout: str = _opt("joint", "host KV layout: joint = K and V of a block are one transfer chunk (as "
                                    "runtime/kvstore.py stores them), split = separate K and V chunks",
                           choices=("joint", "split"))
+    kv_dtype: str = _opt("bf16", "element type of the offloaded KV (host store and GPU block cache): fp8 halves "
+                                 "the bytes of every block moved and attended", choices=tuple(KV_DTYPES))
 
     def __post_init__(self):
         choice("variant", self.variant, VARIANTS)
         choice("policy", self.policy, POLICIES)
         choice("kv_layout", self.kv_layout, ("joint", "split"))
+        choice("kv_dtype", self.kv_dtype, tuple(KV_DTYPES))
+        if self.kv_dtype != "bf16" and self.variant == "dense":
+            raise ValueError(f"kv_dtype: {self.kv_dtype!r} is for the offloaded store; dense keeps its KV in bf16")
         count("batch", self.batch, 1)
         count("microbatches", self.microbatches, 1)
+        if not isinstance(self.split_attention, bool) or (self.split_attention and self.variant == "dense"):
+            raise ValueError(f"split_attention: expected a bool, and True only for an offloaded variant, got "
+                             f"{self.split_attention!r} with {self.variant!r}")
         if self.microbatches > self.batch:
             raise ValueError(f"microbatches: expected at most batch ({self.batch}), got {self.microbatches}")
         if self.variant == "dense":
@@ -181,7 +191,8 @@ class ReplayConfig:
 
     def block(self, model: ModelSpec, block_size: int = 64) -> BlockShape:
         """The KV block this configuration's cache holds and its link moves."""
-        return model.block(block_size, layout=self.kv_layout)
+        return model.block(block_size, kv_dtype=None if self.kv_dtype == "bf16" else self.kv_dtype,
+                           layout=self.kv_layout)
 
 
 def config_fields():

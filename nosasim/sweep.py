@@ -22,9 +22,10 @@ from nosasim.cost import CLASSES
 from nosasim.memory import usable_bytes
 from nosasim.models import ReplayConfig
 
-GRID_FIELDS = ("variant", "k", "k_q", "capacity", "policy", "batch", "microbatches")
-COLUMNS = ("variant", "k", "k_q", "capacity", "policy", "batch", "microbatches", "fits", "step_time_s",
-           "tokens_per_s", "hit_rate", "h2d_bytes_per_step", "transfer_share", "gpu_memory_bytes", "max_batch",
+GRID_FIELDS = ("variant", "k", "k_q", "capacity", "policy", "batch", "microbatches", "split_attention", "kv_dtype")
+COLUMNS = ("variant", "k", "k_q", "capacity", "policy", "batch", "microbatches", "split_attention", "kv_dtype",
+           "fits", "step_time_s",
+           "floor_s", "x_floor", "tokens_per_s", "hit_rate", "h2d_bytes_per_step", "transfer_share", "gpu_memory_bytes", "max_batch",
            "recall", *(f"t_{c}" for c in CLASSES))
 
 
@@ -36,7 +37,7 @@ def expand(base: ReplayConfig, grid: dict[str, list]) -> tuple[list[ReplayConfig
     for combo in itertools.product(*values):
         change = dict(zip(GRID_FIELDS, combo))
         if change["variant"] == "dense":  # budgets and cache do not apply: one point per batch / micro-batch
-            change.update(k=None, k_q=None, capacity=None, policy=base.policy)
+            change.update(k=None, k_q=None, capacity=None, policy=base.policy, split_attention=False, kv_dtype="bf16")
         elif change["variant"] == "infllmv2":
             change["k_q"] = None  # infllmv2's k_q is k; a listed or default k_q belongs to nosa points
         try:
@@ -107,6 +108,7 @@ def run_group(cfgs: list[ReplayConfig], trace=None) -> list[dict]:
             continue
         row = {f: getattr(cfg, f) for f in GRID_FIELDS}
         row.update(fits=pred.gpu_memory_bytes <= usable_bytes(profile), step_time_s=pred.step_time_s,
+                   floor_s=pred.floor_s, x_floor=pred.x_floor,
                    tokens_per_s=pred.tokens_per_s, hit_rate=pred.hit_rate, h2d_bytes_per_step=pred.h2d_bytes_per_step,
                    transfer_share=pred.transfer_share, gpu_memory_bytes=pred.gpu_memory_bytes,
                    max_batch=pred.max_batch, recall=recall)

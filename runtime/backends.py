@@ -2,13 +2,20 @@
 
 - ``DenseBackend``: the whole KV cache on the GPU (block ``i`` of a row in pool slot ``i``), attention over every
   block: the baseline.
-- ``OffloadBackend``: KV in the pinned host store, ``C`` slots plus a tail slot per row on the GPU, and per layer:
-  fold the new token into the scoring state, select (InfLLM-V2, NOSA, or the trace's selection), update the block
-  table, write back a completed tail, move it into a regular slot if kept, gather the misses over PCIe, write the
-  new token into the tail slot, attend.
+- ``OffloadBackend``: KV in the pinned host store, ``C`` slots plus two tail slots per row on the GPU, and per
+  layer: fold the new token into the pool and the scoring state, select (InfLLM-V2, NOSA, or the trace's
+  selection), update the block table, plan and issue the copies (the completed tail written back and, if kept,
+  moved into a regular slot; the misses gathered over PCIe), attend.
 
-Per-step values shared by all layers (positions, tails, which tails completed) are computed once in
-``begin_step`` from device tensors, so a captured CUDA graph replays them correctly at every step.
+A layer's work is a handful of launches (``runtime.token_kernels.token_step``, ``select_kernels.select_fused``, the
+table kernel, ``plan_kernels.copy_plan``, one ``gather.copy_chunks_lists``, ``attention.decode_attention``); on the
+CPU each falls back to the torch reference it is tested against. Per-step values shared by all layers (positions,
+tails, which tails completed, where the tail lives) are computed once in ``begin_step`` from device tensors, so a
+captured CUDA graph replays them correctly at every step.
+
+Tail slots alternate with the parity of the tail block (slot ``C + tail % 2``): when a block completes, the new
+token goes to the other tail slot, so the completed block can be written back and moved while the step goes on,
+in any order, and the new token's K/V are written with the rest of the token's work before selection.
 
 Each layer's attention is two halves, ``prepare`` (everything up to issuing the transfers) and ``finish`` (wait for
 them, attend), over a *part*: the rows of a contiguous group of sequences. ``attend`` runs both over all rows. The
@@ -24,14 +31,18 @@ from dataclasses import dataclass, fields, replace
 import torch
 import torch.nn.functional as F
 
-from nosasim.contract import CMP_STRIDE
+from nosasim.contract import CMP_STRIDE, TAIL_SLOTS
 
-from .attention import AttentionPlan, sparse_decode_attention
+from .attention import EntryPlan, decode_attention, merge_attention
 from .blockcache import BlockTable, update_table
 from .config import RuntimeConfig
-from .gather import copy_chunks
+from .gather import copy_chunks, copy_chunks_lists
 from .kvstore import HostStore
-from .selection import ScoreState, append_token, init_prompt, qaware_block_scores, select_blocks_gpu
+from .plan_kernels import copy_plan, trace_selection
+from . import select_kernels
+from .dispatch import kernels_on
+from .selection import ScoreState, init_prompt, qaware_block_scores, select_blocks_gpu
+from .token_kernels import TokenBuffers, token_step
 
 
 @dataclass
@@ -51,18 +62,19 @@ class _Base:
         self.state = StepState(ctx.to(device), torch.full((), -1, dtype=torch.int64, device=device))
         self.rows = torch.arange(self.R, device=device)
         self.row_seq = self.rows // self.H
-        self.tok = torch.arange(cfg.block_size, device=device)
         self.all_rows = slice(0, self.R)
         self.pending: dict[int, tuple] = {}
+        self.record: list | None = None  # tests: (layer, positions, rotated keys, values) of every new token
 
     def part_rows(self, b0: int, b1: int) -> slice:
         """Rows of sequences ``b0 .. b1 - 1`` (rows are sequence-major)."""
         return slice(b0 * self.H, b1 * self.H)
 
-    def attend(self, layer, q, k, v, lw, rows: slice | None = None):
-        """Both halves at once: attention output ``[rows, G, D]`` of the new token."""
+    def attend(self, layer, q, k, v, lw, rows: slice | None = None, inv_freq: torch.Tensor | None = None):
+        """Both halves at once: attention output ``[rows, G, D]`` of the new token (``q [rows, G, D]``,
+        ``k``, ``v [rows, D]``; already rotated unless ``inv_freq`` is given)."""
         rows = self.all_rows if rows is None else rows
-        self.prepare(layer, rows, q, k, v, lw)
+        self.prepare(layer, rows, q, k, v, lw, inv_freq=inv_freq)
         return self.finish(layer, rows)
 
     def end_step(self) -> None:
@@ -76,21 +88,35 @@ class _Base:
         return replace(state, **{f.name: getattr(state, f.name)[:, rows] for f in fields(state)
                                  if isinstance(getattr(state, f.name), torch.Tensor)})
 
+    def _token(self, layer, rows: slice, q, k, v, inv_freq, buf: TokenBuffers):
+        """RoPE (with ``inv_freq``), the new token into the pool and the scoring state: one launch for the part.
+        ``q``/``k``/``v`` are ``[n, heads * D]`` (column views of the QKV GEMM) or ``[n * kv_heads, G|1, D]``."""
+        D = self.cfg.shape.head_dim
+        n = (rows.stop - rows.start) // self.H
+        q2, k2, v2 = (t.reshape(n, -1) if t.shape[0] != n else t for t in (q, k, v))
+        qr, kr = token_step(q2, k2, v2, buf, head_dim=D, row0=rows.start, inv_freq=inv_freq)
+        if self.record is not None:
+            self.record.append((layer, buf.pos[rows].clone(), kr.clone(), v2.reshape(-1, D).clone()))
+        return qr
+
     def begin_step(self) -> torch.Tensor:
-        st, bs = self.state, self.cfg.block_size
-        st.ctx.add_(1)
-        st.step.add_(1)
-        ctx = st.ctx[self.row_seq]
+        bs = self.cfg.block_size
+        state = self.state
+        state.ctx.add_(1)
+        state.step.add_(1)
+        ctx = state.ctx[self.row_seq]
         self.pos = ctx - 1  # [R]
         self.tail = self.pos // bs
         self.fill = self.pos % bs + 1  # valid tokens of the tail
-        self.tail_done = (self.pos % bs == 0) & (st.step > 0)
+        self.dst_tok = self.fill - 1  # where the new token goes in the tail block
+        self.tail_done = (self.pos % bs == 0) & (state.step > 0)
+        self.old_tail = self.tail - 1
         self.ctx_rows = ctx
-        return st.ctx - 1
+        return state.ctx - 1
 
 
 class DenseBackend(_Base):
-    """All KV on the GPU: pool ``[L, R, NB, 2, BS, D]``; attention lists every block."""
+    """All KV on the GPU: pool ``[L, R, NB, 2, BS, D]``; attention over every block (the kernel's dense mode)."""
 
     def __init__(self, cfg: RuntimeConfig, device, seed: int = 0):
         super().__init__(cfg, device)
@@ -100,24 +126,19 @@ class DenseBackend(_Base):
         g = torch.Generator(device=device).manual_seed(seed)
         for layer in range(s.layers):  # random prompt K/V, layer by layer to bound the temporary
             self.pool[layer].normal_(generator=g)
-        self.slots = torch.arange(cfg.n_blocks, device=device).expand(self.R, -1).contiguous()
 
-    def prepare(self, layer, rows: slice, q, k, v, lw) -> None:
-        pool, tail, fill = self.pool[layer], self.tail[rows], self.fill[rows]
-        pool[self.rows[rows], tail, 0, fill - 1] = k
-        pool[self.rows[rows], tail, 1, fill - 1] = v
-        self.pending[rows.start] = (q,)
+    def prepare(self, layer, rows: slice, q, k, v, lw, inv_freq=None) -> None:
+        buf = TokenBuffers(pos=self.pos, pool=self.pool[layer], dst_slot=self.tail, dst_tok=self.dst_tok,
+                           block_size=self.cfg.block_size)
+        self.pending[rows.start] = (self._token(layer, rows, q, k, v, inv_freq, buf),)
 
     def finish(self, layer, rows: slice):
         (q,) = self.pending.pop(rows.start)
-        slots, tail, fill = self.slots[rows], self.tail[rows], self.fill[rows]
-        lens = torch.where(slots < tail[:, None], self.cfg.block_size,
-                           torch.where(slots == tail[:, None], fill[:, None], 0)).int()
-        return sparse_decode_attention(q, self.pool[layer][rows], AttentionPlan(slots, lens, slots))
+        return decode_attention(q, self.pool[layer][rows], EntryPlan.dense(self.tail[rows], self.fill[rows]))
 
 
 class OffloadBackend(_Base):
-    """Host store + GPU block cache (see the module docstring). ``trace_sel``: int [T, L, H, B] selections to use
+    """Host store + GPU block cache (see the module docstring). ``trace_sel``: int [T, L, H, B, K] selections to use
     instead of (variant 'trace') or after (replay, for timing with realistic locality) the computed ones."""
 
     def __init__(self, cfg: RuntimeConfig, device, host: HostStore, trace_sel: torch.Tensor | None = None,
@@ -127,36 +148,44 @@ class OffloadBackend(_Base):
         dt = getattr(torch, cfg.dtype)
         C = cfg.slots
         self.C, self.host, self.copies = C, host, copies
-        self.pool = torch.empty((s.layers, self.R, C + 1, 2, cfg.block_size, s.head_dim), dtype=dt, device=device)
+        self.pool = torch.empty((s.layers, self.R, C + TAIL_SLOTS, 2, cfg.block_size, s.head_dim),
+                                dtype=cfg.kv_torch_dtype, device=device)
         self.table = BlockTable.allocate(s.layers, self.R, C, cfg.n_blocks, cfg.policy, device)
         qaware = cfg.variant in ("infllmv2", "nosa")
         agnostic = cfg.variant == "nosa"
         self.scores = ScoreState.allocate(s.layers, self.R, s.head_dim, cfg.max_tokens, cfg.n_blocks, qaware=qaware,
                                           agnostic=agnostic, dtype=dt, device=device, stride=CMP_STRIDE,
                                           block_size=cfg.block_size)
-        if self.table.static is not None and agnostic:
+        if self.table.static is not None and agnostic and trace_sel is None:
             self.table.static = self.scores.static  # 'static' keeps blocks by NOSA's own frozen score
-        # (variant 'trace' with 'static': the caller fills table.static from the trace's agnostic scores)
-        self.trace_sel = trace_sel
+        # A trace-driven run with 'static' ranks blocks by the trace's agnostic score, as the simulator does: the
+        # caller fills table.static from the trace (runtime.e2e.load_trace_static); the computed score would
+        # rank the blocks the trace's selections never saw.
+        self.trace_sel = None if trace_sel is None else trace_sel.contiguous()
         self.row_base = host.row_base(device, cfg.batch)
-        self.slot_base = self.rows * (C + 1)
+        self.slot_base = self.rows * (C + TAIL_SLOTS)
         self.loaded = torch.zeros((cfg.steps, s.layers, self.R), dtype=torch.int32, device=device)
         self.chunk = cfg.block.block_bytes
-        self.record: list | None = None
-        # A copy stream only when micro-batches can overlap; with one part everything stays in stream order.
-        self.copy_stream = (torch.cuda.Stream(device) if cfg.microbatches > 1 and torch.device(device).type == "cuda"
-                            else None)
+        # A copy stream only when transfers can overlap compute (micro-batches, or attention split around the
+        # copies); otherwise everything stays in stream order.
+        overlap = cfg.microbatches > 1 or cfg.split_attention
+        self.copy_stream = torch.cuda.Stream(device) if overlap and torch.device(device).type == "cuda" else None
+
+    def begin_step(self) -> torch.Tensor:
+        out = super().begin_step()
+        self.tail_slot = self.C + self.tail % TAIL_SLOTS  # row-relative slot of the current tail block
+        return out
 
     def prefill(self, weights, exact: bool, seed: int = 0) -> None:
-        """Scoring state of the prompt and the partial tail block into the tail slot. ``exact`` derives the scoring
+        """Scoring state of the prompt and the partial tail block into its tail slot. ``exact`` derives the scoring
         state from the host store's prompt (tests); otherwise it is random (timing: content does not matter)."""
         cfg, s = self.cfg, self.cfg.shape
         P = int(self.state.ctx.max())
         tail0 = torch.div(self.state.ctx[self.row_seq], cfg.block_size, rounding_mode="floor")
         g = torch.Generator(device=self.device).manual_seed(seed)
         for layer in range(s.layers):
-            copy_chunks(self.host.layer(layer), self.pool[layer], self.row_base + tail0, self.slot_base + self.C,
-                        self.chunk)
+            copy_chunks(self.host.layer(layer), self.pool[layer], self.row_base + tail0,
+                        self.slot_base + self.C + tail0 % TAIL_SLOTS, self.chunk)
             sc = self.scores
             if exact:
                 host_rows = (self.row_base // self.host.kv.shape[3]).to(self.host.kv.device)  # index where the store is
@@ -182,82 +211,77 @@ class OffloadBackend(_Base):
         return lw.evict_a[h].view(n, *([1] * (v.dim() - 2))) * F.softplus((v.float() * w).sum(-1))
 
     def select(self, layer: int, q: torch.Tensor, rows: slice | None = None) -> torch.Tensor:
-        cfg = self.cfg
+        """Selected complete blocks ``int64 [rows, k]`` of the part: computed (InfLLM-V2, NOSA), then replaced by
+        the trace's when one is given (the compute is real, the transfers are the trace's)."""
+        cfg, b = self.cfg, self.cfg.budget
         rows = self.all_rows if rows is None else rows
         sel = None
         if cfg.variant in ("infllmv2", "nosa"):
             sc = self._part(self.scores, rows)
-            qs = qaware_block_scores(sc, layer, q, self.ctx_rows[rows], cfg.n_blocks)
+            ctx = self.ctx_rows[rows]
             agn = sc.static[layer, :, : cfg.n_blocks] if cfg.variant == "nosa" else None
-            b = cfg.budget
-            sel = select_blocks_gpu(qs, self.ctx_rows[rows], k=b.k, k_q=b.k_q, sink=b.sink, window=b.window,
-                                    block_size=cfg.block_size, agnostic=agn)
+            if select_kernels.AVAILABLE and kernels_on(q):
+                sel = select_kernels.select_fused(
+                    sc.ckeys[layer], sc.nc, q, ctx, cfg.n_blocks, k=b.k, k_q_eff=b.k_q if agn is not None else b.k,
+                    sink=b.sink, window=b.window, block_size=cfg.block_size, agnostic=agn, stride=sc.stride)
+            else:
+                qs = qaware_block_scores(sc, layer, q, ctx, cfg.n_blocks)
+                sel = select_blocks_gpu(qs, ctx, k=b.k, k_q=b.k_q, sink=b.sink, window=b.window,
+                                        block_size=cfg.block_size, agnostic=agn)
         if self.trace_sel is not None:  # trace variant, or replay of realistic selections after the real scoring
-            T, Lt, Ht, Bt, K = self.trace_sel.shape
-            step_sel = self.trace_sel[:, layer % Lt].index_select(0, self.state.step.clamp(max=T - 1).view(1))[0]
-            sel = step_sel[(self.rows[rows] % self.H) % Ht, self.row_seq[rows] % Bt].long()
-        return torch.where(sel == self.tail[rows, None], -1, sel)
+            sel = trace_selection(self.trace_sel, self.state.step, layer, rows, self.H, self.tail)
+        return sel
 
-    def prepare(self, layer, rows: slice, q, k, v, lw) -> None:
+    def prepare(self, layer, rows: slice, q, k, v, lw, inv_freq=None) -> None:
         """Score the new token, select, update the block table, and issue the part's transfers (on the copy stream
         when there is one)."""
         cfg, C = self.cfg, self.C
-        sc = self._part(self.scores, rows)
-        pos, tail, tail_done = self.pos[rows], self.tail[rows], self.tail_done[rows]
-        cis = self._cis(lw, v, rows) if sc.cis is not None else None
-        old_tail = tail - 1
-        append_token(sc, layer, pos, k if sc.ckeys is not None else None, cis, tail_done, old_tail)
-        sel = self.select(layer, q, rows)
-        plan = update_table(self._part(self.table, rows), layer, sel, self.state.step, tail_done, old_tail)
-        self.loaded[:, layer, rows].index_copy_(0, self.state.step.view(1), plan.n_miss.int()[None])
-        row_base, slot_base = self.row_base[rows], self.slot_base[rows]
-        tail_slot = slot_base + C
-        # Index lists are made here, on the compute stream, and kept alive in ``pending`` until ``finish`` has
-        # waited for the copies: the allocator can't hand their memory to other work while a copy still reads it.
-        idx = (tail_slot, torch.where(tail_done, row_base + old_tail, -1),
-               torch.where(plan.tail_dst >= 0, slot_base + plan.tail_dst, -1),
-               torch.where(plan.miss, row_base[:, None] + sel, -1), slot_base[:, None] + plan.sel_slot)
+        nosa = {"evict_w": lw.evict_w, "evict_a": lw.evict_a, "tail_done": self.tail_done,
+                "old_tail": self.old_tail} if self.scores.cis is not None else {}
+        buf = TokenBuffers.from_scores(self.scores, layer, self.pos, pool=self.pool[layer], dst_slot=self.tail_slot,
+                                       dst_tok=self.dst_tok, **nosa)
+        qr = self._token(layer, rows, q, k, v, inv_freq, buf)
+        sel = self.select(layer, qr, rows)
+        plan = update_table(self._part(self.table, rows), layer, sel, self.state.step, self.tail_done[rows],
+                            self.old_tail[rows])
+        cp = copy_plan(sel, plan, self.tail_done, self.old_tail, self.row_base, self.slot_base, C, TAIL_SLOTS,
+                       self.loaded, self.state.step, layer, rows)
         done = None
         if self.copies:
             pool, host = self.pool[layer], self.host.layer(layer)
+            # One launch: the completed tail (in its own tail slot, which nothing else writes this step) goes to the
+            # host and, if kept, to a regular slot; the misses go to free slots nothing else reads this step.
+            lists = [(pool, host, cp.wb_src, cp.wb_dst), (pool, pool, cp.mv_src, cp.mv_dst),
+                     (host, pool, cp.miss_src, cp.miss_dst)]
             if self.copy_stream is not None:
                 self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
                 done = torch.cuda.Event()
                 with torch.cuda.stream(self.copy_stream):
-                    self._issue_copies(pool, host, idx)
+                    copy_chunks_lists(lists, self.chunk, programs=cfg.gather_programs)
                     done.record(self.copy_stream)
             else:
-                self._issue_copies(pool, host, idx)
-        self.pending[rows.start] = (q, k, v, sel, plan, idx, done)
-
-    def _issue_copies(self, pool, host, idx) -> None:
-        # Order matters: the completed tail leaves the tail slot (to the host, and to a regular slot if kept)
-        # before the new token overwrites it (in ``finish``); misses go to slots nothing else reads this step.
-        tail_slot, wb_dst, move_dst, miss_src, miss_dst = idx
-        kw = {"programs": self.cfg.gather_programs}
-        copy_chunks(pool, host, tail_slot, wb_dst, self.chunk, **kw)
-        copy_chunks(pool, pool, tail_slot, move_dst, self.chunk, **kw)
-        copy_chunks(host, pool, miss_src, miss_dst, self.chunk, **kw)
+                copy_chunks_lists(lists, self.chunk, programs=cfg.gather_programs)
+        # The index lists stay alive in ``pending`` until ``finish`` has waited for the copies that read them.
+        self.pending[rows.start] = (qr, sel, plan, cp, done)
 
     def finish(self, layer, rows: slice):
-        """Wait for the part's transfers, write the new token into the tail slot, attend."""
-        cfg, C = self.cfg, self.C
-        q, k, v, sel, plan, _, done = self.pending.pop(rows.start)
-        if done is not None:
-            torch.cuda.current_stream(self.device).wait_event(done)
-        pool = self.pool[layer]
-        r, tail, fill, pos = self.rows[rows], self.tail[rows], self.fill[rows], self.pos[rows]
-        pool[r, C, 0, fill - 1] = k
-        pool[r, C, 1, fill - 1] = v
-        if self.record is not None:
-            self.record.append((layer, pos.clone(), k.clone(), v.clone()))
-        bs = cfg.block_size
-        aplan = AttentionPlan(
-            torch.cat([plan.sel_slot, torch.full_like(tail, C)[:, None]], 1),
-            torch.cat([torch.where(sel >= 0, bs, 0), fill[:, None]], 1).int(),
-            torch.cat([sel, tail[:, None]], 1))
-        bias = self.scores.cis[layer, rows] if cfg.variant == "nosa" else None
-        return sparse_decode_attention(q, pool[rows], aplan, bias)
+        """Wait for the part's transfers, attend the selected blocks and the tail. With ``split_attention`` the
+        resident blocks and the tail are attended before the wait, the copied ones after it, and the two results
+        merged by their log-sum-exp."""
+        q, sel, plan, _, done = self.pending.pop(rows.start)
+        aplan = EntryPlan(plan.sel_slot, sel, self.tail_slot[rows], self.tail[rows], self.fill[rows])
+        bias = self.scores.cis[layer, rows] if self.cfg.variant == "nosa" else None
+        pool = self.pool[layer][rows]
+        wait = (lambda: torch.cuda.current_stream(self.device).wait_event(done)) if done is not None else None
+        if not self.cfg.split_attention:
+            if wait:
+                wait()
+            return decode_attention(q, pool, aplan, bias)
+        o_hit, l_hit = decode_attention(q, pool, aplan, bias, miss=plan.miss, part="hits", return_lse=True)
+        if wait:
+            wait()
+        o_miss, l_miss = decode_attention(q, pool, aplan, bias, miss=plan.miss, part="misses", return_lse=True)
+        return merge_attention(o_hit, l_hit, o_miss, l_miss)[0]
 
     def end_step(self) -> None:
         if self.copy_stream is not None:
@@ -266,6 +290,5 @@ class OffloadBackend(_Base):
     def flush(self) -> None:
         """Write every partial tail to the host store (tests: the store then holds the whole history)."""
         for layer in range(self.cfg.shape.layers):
-            copy_chunks(self.pool[layer], self.host.layer(layer), self.slot_base + self.C,
+            copy_chunks(self.pool[layer], self.host.layer(layer), self.slot_base + self.tail_slot,
                         self.row_base + self.tail, self.chunk)
-

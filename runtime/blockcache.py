@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from . import table_kernel
+from .dispatch import kernels_on
 
 INT64_MAX = torch.iinfo(torch.int64).max
 INT64_MIN = torch.iinfo(torch.int64).min
@@ -100,7 +101,7 @@ def update_table(table: BlockTable, layer: int, sel: torch.Tensor, step: torch.T
     of a row slice (``t[:, r0:r1]``) on either path.
     """
     if use_triton is None:
-        use_triton = table_kernel.triton is not None and table.slot_block.is_cuda
+        use_triton = table_kernel.triton is not None and kernels_on(table.slot_block)
     if use_triton:
         return _update_table_triton(table, layer, sel, step, tail_done, old_tail, check)
     slot_block = table.slot_block[layer]

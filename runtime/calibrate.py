@@ -15,8 +15,7 @@ import torch
 from nosasim.contract import Budget
 from nosasim.models import ModelSpec, load_model
 
-from .attention import AttentionPlan, sparse_decode_attention
-from .timing import environment, time_cuda, time_graph
+from .timing import environment, hbm_copy_peak, time_cuda, time_graph
 
 DEFAULT_MODEL = "llama3-8b"
 
@@ -44,10 +43,7 @@ def ceilings() -> dict:
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     flops = 2 * 8192 ** 3 / time_cuda(lambda: a @ b, reps=10)
-    n = 1 << 30
-    x = torch.empty(n, dtype=torch.uint8, device="cuda").fill_(3)
-    y = torch.empty_like(x)
-    hbm = 2 * n / time_cuda(lambda: y.copy_(x), reps=10)
+    hbm = hbm_copy_peak()
     # Launch overhead: many tiny kernels back to back; GPU-side time per kernel.
     t = torch.zeros(1, device="cuda")
 
@@ -96,7 +92,11 @@ def elementwise(sizes=(1 << 16, 1 << 20, 1 << 24, 1 << 27)) -> list[dict]:
     return out
 
 
-def sparse_attention(shape: ModelSpec, batches=(1, 8, 16, 32, 64, 96, 128), ks=(16, 32, 64)) -> list[dict]:
+def sparse_attention(shape: ModelSpec, batches=(1, 8, 16, 32, 64, 96, 128, 256), ks=(16, 32, 64, 128)) -> list[dict]:
+    """The attention kernel as the offloaded backend launches it: ``k_blocks - 1`` selected complete blocks plus a
+    full tail per row, in a pool of ``k_blocks + 1`` slots (distinct slots per row, as the block table assigns)."""
+    from .attention import EntryPlan, decode_attention
+
     out = []
     q_heads, kv_heads, d = shape.q_heads, shape.kv_heads, shape.head_dim
     G = q_heads // kv_heads
@@ -105,120 +105,152 @@ def sparse_attention(shape: ModelSpec, batches=(1, 8, 16, 32, 64, 96, 128), ks=(
         pool = torch.randn(R, max(ks) + 1, 2, 64, d, device="cuda", dtype=torch.bfloat16)
         q = torch.randn(R, G, d, device="cuda", dtype=torch.bfloat16)
         for k in ks:
-            slots = torch.arange(k, device="cuda").expand(R, k).contiguous()
-            plan = AttentionPlan(slots, torch.full((R, k), 64, device="cuda", dtype=torch.int32), slots)
+            slots = torch.arange(k - 1, device="cuda").expand(R, k - 1).contiguous()
+            tail = torch.full((R,), k - 1, device="cuda", dtype=torch.int64)
+            plan = EntryPlan(slots, slots, tail, tail, torch.full((R,), 64, device="cuda", dtype=torch.int64))
             out.append({"batch": B, "q_heads": q_heads, "kv_heads": kv_heads, "head_dim": d, "k_blocks": k,
-                        "seconds": time_graph(lambda: sparse_decode_attention(q, pool, plan))})
+                        "seconds": time_graph(lambda: decode_attention(q, pool, plan))})
         del pool
     return out
 
 
-def dense_attention(shape: ModelSpec, points=((1, 4096), (8, 8192), (16, 8192), (32, 8192), (8, 16384), (16, 16384),
-                                             (8, 32768), (16, 32768))) -> list[dict]:
-    """The dense attention phase of one layer exactly as decode runs it (new token written into the tail block,
-    block lengths, the attention kernel over every block), alone in a CUDA graph."""
+DENSE_POINTS = ((1, 4096), (8, 8192), (16, 8192), (32, 8192), (8, 16384), (16, 16384), (8, 32768), (16, 32768),
+                (1, 65536), (8, 65536), (14, 65536), (1, 131072), (4, 131072), (7, 131072))
+
+
+def _inv_freq(shape: ModelSpec, theta: float = 500000.0) -> torch.Tensor:
+    d = shape.head_dim
+    return 1.0 / theta ** (torch.arange(0, d, 2, device="cuda", dtype=torch.float32) / d)
+
+
+def dense_attention(shape: ModelSpec, points=DENSE_POINTS) -> list[dict]:
+    """The dense attention phase of one layer exactly as decode runs it (RoPE and the new token written into the
+    tail block in one launch, then attention over every block), alone in a CUDA graph; contexts up to 128K where
+    the device holds them."""
     from dataclasses import replace
 
     from .backends import DenseBackend
     from .config import RuntimeConfig
 
     one = replace(shape, layers=1, vocab=16)
+    inv_freq = _inv_freq(one)
     out = []
     for B, ctx in points:
-        be = DenseBackend(RuntimeConfig(one, "dense", batch=B, context=ctx, steps=4), "cuda")
+        try:
+            be = DenseBackend(RuntimeConfig(one, "dense", batch=B, context=ctx, steps=4), "cuda")
+        except torch.OutOfMemoryError:
+            continue
         be.begin_step()
         q = torch.randn(be.R, one.group, one.head_dim, device="cuda", dtype=torch.bfloat16)
         k, v = (torch.randn(be.R, one.head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         out.append({"batch": B, "q_heads": one.q_heads, "kv_heads": one.kv_heads, "head_dim": one.head_dim,
-                    "context": ctx, "seconds": time_graph(lambda: be.attend(0, q, k, v, None), inner=4)})
+                    "context": ctx,
+                    "seconds": time_graph(lambda: be.attend(0, q, k, v, None, inv_freq=inv_freq), inner=4)})
         del be
         torch.cuda.empty_cache()
     return out
 
 
-def layer_glue(shape: ModelSpec, batches=(1, 8, 16, 32, 64, 96, 128)) -> list[dict]:
-    """One layer's token-path work besides the GEMMs and attention, with the decoder's own functions in the
-    decoder's order: two RMSNorms, RoPE on q and k, the K/V reshapes, two residual adds, SiLU(gate) * up."""
-    import torch.nn.functional as F
-
-    from .model import rms_norm, rope
+def layer_glue(shape: ModelSpec, batches=(1, 8, 16, 32, 64, 96, 128, 256)) -> list[dict]:
+    """One layer's token-path work besides the GEMMs, attention and the token kernel, with the decoder's own
+    functions in the decoder's order: RMSNorm with the residual add fused in, twice, and SiLU(gate) * up."""
+    from .token_kernels import rms_norm, silu_mul
 
     s = shape
-    D, H = s.head_dim, s.kv_heads
     w = torch.ones(s.hidden, device="cuda", dtype=torch.bfloat16)
     out = []
     for B in batches:
         x = torch.randn(B, s.hidden, device="cuda", dtype=torch.bfloat16)
-        qkv = torch.randn(B, (s.q_heads + 2 * H) * D, device="cuda", dtype=torch.bfloat16)
         o = torch.randn(B, s.hidden, device="cuda", dtype=torch.bfloat16)
         gu = torch.randn(B, 2 * s.intermediate, device="cuda", dtype=torch.bfloat16)
-        ang = torch.rand(B, 1, D // 2, device="cuda")
-        cos, sin = ang.cos(), ang.sin()
 
         def glue():
-            rms_norm(x, w)
-            q, k, v = qkv.split([s.q_heads * D, H * D, H * D], -1)
-            rope(q.view(B, s.q_heads, D), cos, sin)
-            rope(k.view(B, H, D), cos, sin).reshape(B * H, D)
-            v.reshape(B * H, D)
-            x2 = x + o
-            rms_norm(x2, w)
-            gate, up = gu.chunk(2, -1)
-            F.silu(gate) * up
-            x2 + o
+            rms_norm(x, w, residual=o)
+            rms_norm(x, w, residual=o)
+            silu_mul(gu)
 
-        out.append({"batch": B, "hidden": s.hidden, "q_heads": s.q_heads, "kv_heads": H, "head_dim": D,
-                    "mlp": s.intermediate, "seconds": time_graph(glue, inner=4)})
+        out.append({"batch": B, "hidden": s.hidden, "q_heads": s.q_heads, "kv_heads": s.kv_heads,
+                    "head_dim": s.head_dim, "mlp": s.intermediate, "seconds": time_graph(glue, inner=4)})
     return out
 
 
-PHASE_POINTS = tuple((b, c) for b in (8, 16, 32, 64, 128) for c in (8192, 16384, 32768))
+PHASE_POINTS = tuple((b, c) for b in (8, 16, 32, 64, 128) for c in (8192, 16384, 32768)) + \
+    tuple((b, c) for b in (8, 32, 128) for c in (65536, 131072))
 
 
 def offload_phases(shape: ModelSpec, points=PHASE_POINTS, variant: str = "nosa") -> list[dict]:
     """Per-layer cost of the offloaded path's own work, each phase alone in a CUDA graph (one layer of the shape):
-    the selection phase exactly as decode runs it (compressed-key and eviction-score update, scoring, top-k), the
-    block-table update, and the whole ``attend`` with every selected block resident (no transfer). The first two
-    become the profile's ``selection``/``selection_nosa`` and ``block_table`` tables."""
+    the selection phase (the scoring state's share of the token kernel, measured as the token kernel with the
+    state less the token kernel without it, plus the fused selection), the block-table phase (table update and
+    copy plan), and the whole ``attend`` as a trace-driven decode runs it, with every selected block resident (no
+    transfer). The first two become the profile's ``selection``/``selection_nosa`` and ``block_table`` tables, the
+    rest of the third its ``attend_glue``."""
     from dataclasses import replace
+
+    from nosasim.contract import TAIL_SLOTS
 
     from .backends import OffloadBackend
     from .blockcache import update_table
     from .config import RuntimeConfig
     from .kvstore import HostStore
     from .model import Weights
-    from .selection import append_token
+    from .plan_kernels import copy_plan
+    from .token_kernels import TokenBuffers, token_step
 
     one = replace(shape, layers=1, vocab=16)
     lw = Weights.random(one, torch.bfloat16, "cuda", 0).layers[0]
+    inv_freq = _inv_freq(one)
     out = []
     for B, ctx in points:
         cfg = RuntimeConfig(one, variant, batch=B, context=ctx, steps=8, budget=Budget.for_variant(variant, 64),
                             host_seqs=min(B, 4))
-        host = HostStore.allocate(cfg, pin=True)
-        host.fill_random(0, "cuda")
-        be = OffloadBackend(cfg, "cuda", host)
+        try:
+            host = HostStore.allocate(cfg, pin=True)
+            host.fill_random(0, "cuda")
+            be = OffloadBackend(cfg, "cuda", host)
+        except (torch.OutOfMemoryError, ValueError):
+            continue
         be.prefill(None, exact=False)
         be.begin_step()
-        G, D = one.group, one.head_dim
-        q = torch.randn(be.R, G, D, device="cuda", dtype=torch.bfloat16)
-        k, v = (torch.randn(be.R, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        sel = be.select(0, q)
+        H, G, D = one.kv_heads, one.group, one.head_dim
+        q = torch.randn(B, one.q_heads * D, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(B, H * D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        nosa = {"evict_w": lw.evict_w, "evict_a": lw.evict_a, "tail_done": be.tail_done,
+                "old_tail": be.old_tail} if be.scores.cis is not None else {}
+        full = TokenBuffers.from_scores(be.scores, 0, be.pos, pool=be.pool[0], dst_slot=be.tail_slot,
+                                        dst_tok=be.dst_tok, **nosa)
+        bare = TokenBuffers(be.pos, pool=be.pool[0], dst_slot=be.tail_slot, dst_tok=be.dst_tok)
+        qr, _ = token_step(q, k, v, full, head_dim=D, inv_freq=inv_freq)
+        sel = be.select(0, qr)
+        # The trace-driven path: the trace's selection replaces the computed one, as runtime.e2e decodes.
+        be.trace_sel = sel.view(1, 1, B, H, -1).permute(0, 1, 3, 2, 4).contiguous()
+        t_full = time_graph(lambda: token_step(q, k, v, full, head_dim=D, inv_freq=inv_freq), inner=4)
+        t_bare = time_graph(lambda: token_step(q, k, v, bare, head_dim=D, inv_freq=inv_freq), inner=4)
+        t_select = time_graph(lambda: be.select(0, qr), inner=4)
 
-        def scoring():
-            cis = be._cis(lw, v) if be.scores.cis is not None else None
-            append_token(be.scores, 0, be.pos, k, cis, be.tail_done, be.tail - 1)
-            be.select(0, q)
+        def table():
+            plan = update_table(be.table, 0, sel, be.state.step, be.tail_done, be.old_tail)
+            copy_plan(sel, plan, be.tail_done, be.old_tail, be.row_base, be.slot_base, be.C, TAIL_SLOTS, be.loaded,
+                      be.state.step, 0, be.all_rows)
 
         entry = {"variant": variant, "batch": B, "context": ctx, "rows": be.R, "k": cfg.budget.k, "capacity": cfg.slots,
-                 "selection_s": time_graph(scoring, inner=4),
-                 "block_table_s": time_graph(lambda: update_table(be.table, 0, sel, be.state.step, be.tail_done,
-                                                                  be.tail - 1), inner=4),
-                 "attend_all_hits_s": time_graph(lambda: be.attend(0, q, k, v, lw), inner=4)}
+                 "token_state_s": max(t_full - t_bare, 0.0), "select_s": t_select,
+                 "selection_s": max(t_full - t_bare, 0.0) + t_select,
+                 "block_table_s": time_graph(table, inner=4),
+                 "attend_all_hits_s": time_graph(lambda: be.attend(0, q, k, v, lw, inv_freq=inv_freq), inner=4)}
         out.append(entry)
         del be, host
         torch.cuda.empty_cache()
     return out
+
+
+def profile_name(device: str) -> str:
+    """A profile's name from the device's, e.g. ``NVIDIA H200`` -> ``h200-pcie5`` (the host link this project's
+    machines have; ``--profile-name`` overrides it)."""
+    import re
+
+    m = re.search(r"\b([A-Z]\d{2,4}[A-Z]?)\b", device.upper())
+    return f"{m.group(1).lower()}-pcie5" if m else re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-") or "gpu"
 
 
 def transfer_tables(gather_best: list[dict]) -> dict[str, list[dict]]:

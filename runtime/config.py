@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from nosasim import memory
-from nosasim.contract import (ONLINE_POLICIES, TRACE_VARIANT, VARIANTS, BlockShape, Budget, choice, count,
-                              n_blocks)
+from nosasim.contract import (KV_DTYPES, ONLINE_POLICIES, TRACE_VARIANT, VARIANTS, BlockShape, Budget, choice,
+                              count, n_blocks)
 from nosasim.models import ModelSpec, load_model
 
 PRESETS: dict[str, ModelSpec] = {name: load_model(name) for name in ("llama3-8b", "smollm2-135m")}
@@ -30,7 +30,11 @@ class RuntimeConfig:
     (``k = 64``, NOSA's released split, ``C = k - 1``). ``microbatches`` splits the batch into contiguous, nearly
     equal groups of sequences whose transfers overlap the other groups' compute
     (``nosasim.contract.microbatch_groups``); ``gather_programs`` > 0 runs the copies as that many persistent
-    programs (``runtime.gather``), which leaves the SMs to the overlapping compute. ``host_seqs`` < ``batch`` lets
+    programs (``runtime.gather``), which leaves the SMs to the overlapping compute. ``split_attention`` attends the
+    resident blocks while the misses copy (on a copy stream), then the copied ones, and merges the two softmax
+    results by their log-sum-exp, so even one micro-batch overlaps its transfers. ``kv_dtype="fp8"`` keeps the
+    host store and the block pool in float8 (e4m3): half the bytes per block over the link and out of HBM,
+    dequantised by the attention kernel (the scoring state stays in ``dtype``). ``host_seqs`` < ``batch`` lets
     sequences share host rows (benchmarks only: the bytes moved are the same, the host store's contents are not
     meaningful).
     """
@@ -47,6 +51,8 @@ class RuntimeConfig:
     host_seqs: int | None = None
     microbatches: int = 1
     gather_programs: int = 0
+    split_attention: bool = False
+    kv_dtype: str | None = None
 
     def __post_init__(self):
         choice("RuntimeConfig.variant", self.variant, VARIANTS + (TRACE_VARIANT,))
@@ -71,6 +77,14 @@ class RuntimeConfig:
         count("RuntimeConfig.microbatches", self.microbatches, 1)
         if self.microbatches > self.batch:
             raise ValueError(f"RuntimeConfig.microbatches must lie in [1, batch={self.batch}], got {self.microbatches}")
+        if self.kv_dtype is not None:
+            choice("RuntimeConfig.kv_dtype", self.kv_dtype, ("fp8",))
+            if not self.offloaded:
+                raise ValueError("RuntimeConfig.kv_dtype: 'fp8' is for the offloaded store and block pool; dense keeps "
+                                 "its KV in the run's dtype")
+        if not isinstance(self.split_attention, bool) or (self.split_attention and not self.offloaded):
+            raise ValueError(f"RuntimeConfig.split_attention: expected a bool, and True only for an offloaded variant, "
+                             f"got {self.split_attention!r} with {self.variant!r}")
         if self.host_seqs is not None and not 1 <= self.host_seqs <= self.batch:
             raise ValueError(f"RuntimeConfig.host_seqs must lie in [1, batch], got {self.host_seqs}")
 
@@ -103,7 +117,15 @@ class RuntimeConfig:
     @property
     def block(self) -> BlockShape:
         """One block of K plus V of one (layer, KV head, sequence): one transfer chunk."""
-        return BlockShape(self.shape.head_dim, self.dtype_bytes, self.block_size)
+        dt = self.dtype_bytes if self.kv_dtype is None else KV_DTYPES[self.kv_dtype]
+        return BlockShape(self.shape.head_dim, dt, self.block_size)
+
+    @property
+    def kv_torch_dtype(self):
+        """The element type of the host store and the block pool."""
+        import torch
+
+        return torch.float8_e4m3fn if self.kv_dtype == "fp8" else getattr(torch, self.dtype)
 
     def gpu_bytes(self) -> dict[str, int]:
         """Planned device memory by part (``nosasim.memory.plan``, the simulator's own), plus the run's per-step

@@ -27,9 +27,14 @@ def main(argv=None) -> int:
     ap.add_argument("--contexts", default="16384,32768")
     ap.add_argument("--batches", default="16,0,64,32,8", help="0: each variant's largest batch")
     ap.add_argument("--peer", default="8,16384")
-    ap.add_argument("--e2e", default="", help="comma-separated name fragments: run only matching e2e configs")
+    ap.add_argument("--e2e", default="", help="comma-separated names or glob patterns (nosa-8k-*): run only the "
+                                              "matching e2e configurations")
     ap.add_argument("--gather-json", default=None, help="an earlier gather result for the profile's link tables")
     ap.add_argument("--model", default="llama3-8b", help="model shape to calibrate (preset, JSON file or key=value)")
+    ap.add_argument("--test-workers", type=int, default=1, help="pytest-xdist workers for the tests stage")
+    ap.add_argument("--test-timeout", type=float, default=240.0, help="seconds for the tests stage")
+    ap.add_argument("--profile-name", default=None,
+                    help="name of the calibrated profile (default: from the device, e.g. h200-pcie5)")
     a = ap.parse_args(argv)
     t0 = time.time()
     os.makedirs(a.out, exist_ok=True)
@@ -47,8 +52,10 @@ def main(argv=None) -> int:
             if stage == "tests":
                 files = sorted(f"tests/{f}" for f in os.listdir("tests")
                                if f.startswith("test_runtime_") or (f.startswith("test_") and "kernel" in f))
+                par = ["-n", str(a.test_workers)] if a.test_workers > 1 else []  # pytest-xdist: compile in parallel
                 p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider",
-                                    *files], capture_output=True, text=True, timeout=max(30, min(240, left() - 10)))
+                                    *par, *files], capture_output=True, text=True,
+                                   timeout=max(30, min(a.test_timeout, left() - 10)))
                 with open(os.path.join(a.out, "gpu_tests.log"), "w") as f:
                     f.write(p.stdout + p.stderr)
                 tail = [ln for ln in p.stdout.splitlines() if ln.strip()][-12:]
@@ -82,10 +89,11 @@ def main(argv=None) -> int:
                 if gather is not None:
                     from benchmarks import bench_overlap  # isolated: a gather beside a GEMM chain
                     overlap = bench_overlap.run(os.path.join(a.out, "overlap.json"))
-                    prof = calibrate.build_profile("h100-pcie5-calibrated", cal, gather, overlap)
+                    name = a.profile_name or calibrate.profile_name(summary["env"].get("device", ""))
+                    prof = calibrate.build_profile(name, cal, gather, overlap)
                     from nosasim.hardware import Profile
                     Profile.from_dict(prof)  # the profile must load in nosasim, or this stage fails
-                    write_json(os.path.join(a.out, "h100-pcie5-calibrated.json"), prof)
+                    write_json(os.path.join(a.out, f"{name}.json"), prof)
                     lines.append(f"profile: hbm {prof['hbm_Bps'] / 1e12:.2f} TB/s, mm {prof['matmul_flops'] / 1e12:.0f} "
                                  f"TFLOP/s, launch {prof['launch_s'] * 1e6:.1f} us, h2d peak "
                                  f"{prof['h2d']['peak_Bps'] / 1e9:.1f} GB/s lat {prof['h2d']['latency_s'] * 1e6:.1f} us")
@@ -95,7 +103,9 @@ def main(argv=None) -> int:
                                  f"attend (all hits) {e['attend_all_hits_s'] * 1e6:.0f} us per layer")
             elif stage == "e2e":
                 from . import e2e
-                pick = [c for c in e2e.CONFIGS if not a.e2e or any(n in c.name for n in a.e2e.split(","))]
+                from fnmatch import fnmatchcase
+                pats = [p for p in a.e2e.split(",") if p]
+                pick = [c for c in e2e.CONFIGS if not pats or any(fnmatchcase(c.name, p) for p in pats)]
                 res = e2e.run(os.path.join(a.out, "e2e.json"), budget_s=max(30, left() - 30), configs=pick)
                 lines.append(e2e.table(res))
             elif stage == "peer":

@@ -28,34 +28,132 @@ from .model import Weights
 from .timing import environment, write_json
 
 WARMUP, TIMED = 8, 64
-HOST_SEQS = 4  # host rows shared across the batch: same bytes over the link, a fraction of the host memory
+# Host rows shared across the batch: the same bytes cross the link, in a fraction of the host memory. A 128K-token
+# sequence holds 32 GiB of llama3-8b KV, so long contexts share fewer rows.
+HOST_BYTES = 40 << 30
 
 REAL = "traces/samples/smollm2-topics-8k.nosatrace"
 SYNTH_32K = {"layers": 32, "heads": 8, "seqs": 4, "steps": 160, "k": 64, "context": 32768, "seed": 7,
              "head_dim": 128}
+# Long contexts: 4 layers x 2 KV heads of synthetic rows, retargeted cyclically to the model's 32 x 8 (as
+# nosasim.batch does on both sides), 8 sequences so that a batch of 128 has 16 step-shifted copies of each.
+SYNTH_LONG = {"layers": 4, "heads": 2, "seqs": 8, "steps": 170, "k": 64, "seed": 7, "head_dim": 128}
 NOSA, INFLLMV2 = Budget(64, 33), Budget(64)
 
-CONFIGS = [
+
+def _synth(kind: str, context: int, base: dict = SYNTH_LONG) -> dict:
+    return {"kind": kind, **({"kq": 33} if kind == "nosa" else {}), **base, "context": context}
+
+
+S32N, S32I = _synth("nosa", 32768, SYNTH_32K), _synth("infllmv2", 32768, SYNTH_32K)  # the H100 runs' traces
+L32N, L32I, L64N, L64I, L128N, L128I = (_synth(k, c) for c in (32768, 65536, 131072) for k in ("nosa", "infllmv2"))
+MB2 = {"microbatches": 2, "gather_programs": 33}
+
+# The hand-picked validation list (runs 1-3 committed on the H100 measured these, with the names kept).
+VALIDATION = [
     *[E2EConfig(f"dense-8k-b{b}", REAL, "dense", b) for b in (8, 16, 32)],
     *[E2EConfig(f"infllmv2-8k-b{b}", REAL, "infllmv2", b, INFLLMV2) for b in (16, 32, 64, 96)],
     *[E2EConfig(f"nosa-8k-b{b}", REAL, "nosa", b, NOSA) for b in (16, 32, 64, 96)],
     E2EConfig("nosa-8k-b32-lru96", REAL, "nosa", 32, NOSA.with_capacity(96), "lru"),
     E2EConfig("infllmv2-8k-b64-k32", REAL, "infllmv2", 64, Budget(32)),
     E2EConfig("nosa-8k-b64-k32", REAL, "nosa", 64, Budget(32, 24)),
-    E2EConfig("dense-32k-b8", {"kind": "infllmv2", **SYNTH_32K}, "dense", 8),
-    E2EConfig("infllmv2-32k-b32", {"kind": "infllmv2", **SYNTH_32K}, "infllmv2", 32, INFLLMV2),
-    E2EConfig("nosa-32k-b32", {"kind": "nosa", "kq": 33, **SYNTH_32K}, "nosa", 32, NOSA),
+    E2EConfig("dense-32k-b8", S32I, "dense", 8),
+    E2EConfig("infllmv2-32k-b32", S32I, "infllmv2", 32, INFLLMV2),
+    E2EConfig("nosa-32k-b32", S32N, "nosa", 32, NOSA),
     # Micro-batches: one group's transfers overlap the others' compute (the simulator's schedule, measured). The
     # copies run as 33 persistent programs: a program per entry, or one per SM, keeps the GEMMs beside them off the
     # SMs until the copy ends (benchmarks/bench_overlap.py: overlap 0.01 and 0.09, against 0.85 with 33 programs).
-    *[E2EConfig(f"{v}-8k-b{b}-mb2", REAL, v, b, INFLLMV2 if v == "infllmv2" else NOSA, microbatches=2,
-                gather_programs=33) for v, b in (("infllmv2", 64), ("nosa", 64), ("nosa", 96))],
-    E2EConfig("nosa-32k-b32-mb2", {"kind": "nosa", "kq": 33, **SYNTH_32K}, "nosa", 32, NOSA, microbatches=2,
-              gather_programs=33),
+    *[E2EConfig(f"{v}-8k-b{b}-mb2", REAL, v, b, INFLLMV2 if v == "infllmv2" else NOSA, **MB2)
+      for v, b in (("infllmv2", 64), ("nosa", 64), ("nosa", 96))],
+    E2EConfig("nosa-32k-b32-mb2", S32N, "nosa", 32, NOSA, **MB2),
+    # Every policy the runtime implements, on the real trace (its agnostic score ranks blocks for 'static').
+    E2EConfig("nosa-8k-b32-lfu96", REAL, "nosa", 32, NOSA.with_capacity(96), "lfu"),
+    E2EConfig("nosa-8k-b32-static96", REAL, "nosa", 32, NOSA.with_capacity(96), "static"),
+    # Attention split around the copies: resident blocks first, the copied ones after, merged by log-sum-exp.
+    E2EConfig("nosa-8k-b32-lru96-split", REAL, "nosa", 32, NOSA.with_capacity(96), "lru", split_attention=True),
+    E2EConfig("nosa-8k-b64-split", REAL, "nosa", 64, NOSA, split_attention=True),
+    E2EConfig("infllmv2-8k-b64-split", REAL, "infllmv2", 64, INFLLMV2, split_attention=True),
 ]
 
+# The floor grid (benchmarks/results/floor-*.json): batch 16-128, context 8K-128K, k 32 and 64, C from k - 1 to 2k,
+# prev and lru, and dense at each context.
+FLOOR = [
+    E2EConfig("floor-nosa-8k-b16-k64-prev", REAL, "nosa", 16, NOSA),
+    E2EConfig("floor-nosa-8k-b64-k64-lru128", REAL, "nosa", 64, NOSA.with_capacity(128), "lru"),
+    E2EConfig("floor-nosa-8k-b128-k64-prev", REAL, "nosa", 128, NOSA),
+    E2EConfig("floor-nosa-8k-b64-k32-lru64", REAL, "nosa", 64, Budget(32, 24, capacity=64), "lru"),
+    E2EConfig("floor-infllmv2-8k-b32-k64-lru96", REAL, "infllmv2", 32, INFLLMV2.with_capacity(96), "lru"),
+    E2EConfig("floor-nosa-32k-b64-k64-prev", L32N, "nosa", 64, NOSA),
+    E2EConfig("floor-nosa-32k-b128-k32-lru64", L32N, "nosa", 128, Budget(32, 24, capacity=64), "lru"),
+    E2EConfig("floor-nosa-64k-b16-k64-lru128", L64N, "nosa", 16, NOSA.with_capacity(128), "lru"),
+    E2EConfig("floor-nosa-64k-b128-k64-prev-mb2", L64N, "nosa", 128, NOSA, **MB2),
+    E2EConfig("floor-infllmv2-64k-b64-k64-prev-mb2", L64I, "infllmv2", 64, INFLLMV2, **MB2),
+    E2EConfig("floor-nosa-128k-b32-k32-prev", L128N, "nosa", 32, Budget(32, 24)),
+    E2EConfig("floor-nosa-128k-b96-k64-prev-mb2", L128N, "nosa", 96, NOSA, **MB2),
+    E2EConfig("floor-nosa-128k-b64-k64-lru128", L128N, "nosa", 64, NOSA.with_capacity(128), "lru"),
+    E2EConfig("floor-dense-8k-b8", REAL, "dense", 8),
+    E2EConfig("floor-dense-32k-b8", L32I, "dense", 8),
+    E2EConfig("floor-dense-64k-b14", L64I, "dense", 14),
+    E2EConfig("floor-dense-128k-b7", L128I, "dense", 7),
+]
 
-def run_config(cfg: E2EConfig, weights, host, traces, copies: bool = True) -> dict:
+# Equal GPU memory at long contexts (analysis/results/equal-memory-*.json): dense at its largest batch against
+# NOSA offload at budgets that fit (the sweep picks among them): bf16 or fp8 blocks, micro-batches or attention split
+# around the copies, NOSI's prev or a larger lru cache.
+EQUAL = [
+    *[E2EConfig(f"equal-nosa-{c}k-b{b}-{kv}-{how}", src, "nosa", b, NOSA, kv_dtype=kv,
+                **(MB2 if how == "mb2" else {"split_attention": True}))
+      for c, src, b, kv in ((64, L64N, 128, "bf16"), (64, L64N, 176, "fp8"), (128, L128N, 96, "bf16"),
+                            (128, L128N, 120, "fp8"))
+      for how in ("mb2", "split")],
+    E2EConfig("equal-nosa-64k-b128-fp8-lru128-mb2", L64N, "nosa", 128, NOSA.with_capacity(128), "lru",
+              kv_dtype="fp8", **MB2),
+    E2EConfig("equal-nosa-128k-b96-fp8-lru128-mb2", L128N, "nosa", 96, NOSA.with_capacity(128), "lru",
+              kv_dtype="fp8", **MB2),
+]
+
+CONFIGS = VALIDATION + FLOOR + EQUAL
+
+
+def host_store(cfg: RuntimeConfig, stores: dict) -> HostStore:
+    """One pinned store per (longest context, KV dtype) class, reused by every configuration that fits it: pinning
+    tens of GiB takes seconds, so it is not redone per configuration. Sequences share host rows (``b % rows``)."""
+    per_seq = RuntimeConfig(cfg.shape, cfg.variant, batch=1, context=cfg.context, steps=cfg.steps,
+                            budget=cfg.budget, kv_dtype=cfg.kv_dtype).host_bytes()
+    rows = max(1, min(4, HOST_BYTES // max(per_seq, 1)))
+    key = (cfg.kv_dtype, cfg.max_tokens <= 40000)
+    have = stores.get(key)
+    if have is None or have.kv.shape[3] < cfg.n_blocks:
+        stores.pop(key, None)
+        gc.collect()
+        tokens = max(cfg.max_tokens, 40000 if key[1] else 131072 + 256)
+        size = RuntimeConfig(cfg.shape, cfg.variant, batch=rows, context=tokens - cfg.steps, steps=cfg.steps,
+                             budget=cfg.budget, kv_dtype=cfg.kv_dtype)
+        have = HostStore.allocate(size, pin=True)
+        have.fill_random(1, "cuda")
+        stores[key] = have
+    return have
+
+
+def load_trace_static(backend, batch_trace) -> None:
+    """The block table's 'static' keep score of a trace-driven run: the trace's agnostic score of each row, with
+    layers and heads mapped cyclically as the selections are (row ``b * kv_heads + h`` of layer ``l`` takes the
+    trace's ``[l % Lt, h % Ht, b]``)."""
+    agn = batch_trace.agnostic_score
+    if agn is None:
+        raise ValueError("policy 'static': the trace has no agnostic_score to rank blocks by")
+    table = backend.table
+    L, R, nb1 = table.static.shape
+    Lt, Ht, B, nbt = agn.shape
+    nb = min(nb1 - 1, nbt)
+    rows = torch.arange(R)
+    h, b = rows % backend.H, rows // backend.H
+    src = torch.from_numpy(agn[:, :, :, :nb].astype(np.float32))
+    for layer in range(L):
+        table.static[layer, :, :nb] = src[layer % Lt][h % Ht, b].to(table.static.device)
+
+
+def run_config(cfg: E2EConfig, weights, stores: dict, traces, copies: bool = True) -> dict:
     trace = load_source(cfg.source, traces)
     batch_trace = replay_batch(trace, cfg)
     steps = WARMUP + 2 + TIMED + 1
@@ -64,21 +162,25 @@ def run_config(cfg: E2EConfig, weights, host, traces, copies: bool = True) -> di
                          f"needed")
     ctx = batch_trace.context_len
     rcfg = RuntimeConfig(PRESETS[cfg.model], cfg.variant, batch=cfg.batch, context=int(ctx[0].max()) - 1,
-                         steps=steps, budget=cfg.budget, policy=cfg.policy,
-                         host_seqs=min(cfg.batch, HOST_SEQS) if cfg.budget else None, microbatches=cfg.microbatches,
-                         gather_programs=cfg.gather_programs)
+                         steps=steps, budget=cfg.budget, policy=cfg.policy, microbatches=cfg.microbatches,
+                         gather_programs=cfg.gather_programs, split_attention=cfg.split_attention,
+                         kv_dtype=None if cfg.kv_dtype == "bf16" else cfg.kv_dtype)
     kw = {}
     if cfg.budget is not None:
+        host = host_store(rcfg, stores)
+        rcfg = rcfg.with_(host_seqs=min(cfg.batch, host.kv.shape[1]))
         kw = dict(host=host, trace_sel=torch.from_numpy(batch_trace.sel[:steps].astype(np.int64)).cuda(),
                   ctx0=torch.from_numpy(ctx[0].astype(np.int64)).cuda(), copies=copies)
     r = Runner(rcfg, "cuda", weights=weights, **kw)
+    if cfg.policy == "static":  # trace-driven 'static' ranks by the trace's agnostic score, as the simulator does
+        load_trace_static(r.backend, batch_trace)
     t = r.measure(steps=TIMED, warmup=WARMUP)
     out = {
         **cfg.to_fields(), "trace_sel_sha256": fingerprint(trace),
         "steps": [WARMUP + 2, WARMUP + 2 + TIMED],
         "measured": {"median_step_s": t.median_ms / 1e3, "p10_step_s": float(np.percentile(t.ms, 10)) / 1e3,
                      "p90_step_s": float(np.percentile(t.ms, 90)) / 1e3, "timed_steps": len(t.ms)},
-        "step_ms": t.ms,
+        "step_ms": t.ms, "host_seqs": rcfg.n_host_seqs if cfg.budget else None,
     }
     if cfg.budget is not None:
         lo = WARMUP + 2
@@ -93,12 +195,9 @@ def run(out_path: str, budget_s: float = 300.0, configs=CONFIGS) -> dict:
     t0 = time.time()
     shape = PRESETS["llama3-8b"]
     weights = Weights.random(shape, torch.bfloat16, "cuda", 0)
-    host_cfg = RuntimeConfig(shape, "nosa", batch=HOST_SEQS, context=SYNTH_32K["context"],
-                             steps=SYNTH_32K["steps"] + 8)
-    host = HostStore.allocate(host_cfg, pin=True)
-    host.fill_random(1, "cuda")
+    stores: dict = {}
     res = {"env": environment(), "date": environment()["date"], "protocol": {"warmup": WARMUP, "timed": TIMED,
-           "graph": True, "host_seqs": HOST_SEQS}, "runs": [], "skipped": []}
+           "graph": True, "host_bytes": HOST_BYTES}, "runs": [], "skipped": []}
     res["device"] = {"name": res["env"].get("device"), "driver": res["env"].get("driver"),
                      "torch": res["env"].get("torch"), "triton": res["env"].get("triton")}
     traces: dict = {}
@@ -107,7 +206,7 @@ def run(out_path: str, budget_s: float = 300.0, configs=CONFIGS) -> dict:
             res["skipped"].append({"name": entry.name, "why": "time budget"})
             continue
         try:
-            r = run_config(entry, weights, host, traces)
+            r = run_config(entry, weights, stores, traces)
             res["runs"].append(r)
             print(f"{r['name']:22s} {1e3 * r['measured']['median_step_s']:8.2f} ms  "
                   f"{r['batch'] / r['measured']['median_step_s']:8.1f} tok/s", flush=True)

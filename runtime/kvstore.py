@@ -40,7 +40,7 @@ class HostStore:
                              f"memory is available (lower batch, context or host_seqs)")
         s = cfg.shape
         shape = (s.layers, cfg.n_host_seqs, s.kv_heads, cfg.n_blocks, 2, cfg.block_size, s.head_dim)
-        return cls(torch.empty(shape, dtype=getattr(torch, cfg.dtype), pin_memory=pin), cfg.batch)
+        return cls(torch.empty(shape, dtype=cfg.kv_torch_dtype, pin_memory=pin), cfg.batch)
 
     @property
     def chunk_bytes(self) -> int:
@@ -65,7 +65,8 @@ class HostStore:
         for start in range(0, flat.numel(), piece):
             n = min(piece, flat.numel() - start)
             if buf is None or buf.numel() < n:
-                buf = torch.empty(n, dtype=flat.dtype, device=device)
+                # float8 has no random generator: draw in bfloat16, then cast.
+                buf = torch.empty(n, dtype=flat.dtype if flat.element_size() > 1 else torch.bfloat16, device=device)
             buf[:n].normal_(generator=g)
-            flat[start:start + n].copy_(buf[:n], non_blocking=False)
+            flat[start:start + n].copy_(buf[:n].to(flat.dtype), non_blocking=False)
 

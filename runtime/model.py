@@ -11,10 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from nosasim.contract import microbatch_groups, program  # the simulator's split and issue order themselves
 from nosasim.models import ModelSpec
+
+from . import token_kernels
 
 
 @dataclass
@@ -58,18 +59,26 @@ class Weights:
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """RMSNorm in torch: the reference of ``runtime.token_kernels.rms_norm``."""
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half RoPE (Llama's convention); ``x [B, heads, D]``, ``cos/sin [B, 1, D/2]``."""
+    """Rotate-half RoPE (Llama's convention); ``x [B, heads, D]``, ``cos/sin [B, 1, D/2]``. The reference of the
+    rotation inside ``runtime.token_kernels.token_step``."""
     x1, x2 = x.float().chunk(2, -1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).to(x.dtype)
 
 
 class Decoder:
-    """Token path of one decode step; ``backend.attend`` does everything KV-related."""
+    """Token path of one decode step; the backend's ``prepare``/``finish`` do everything KV-related.
+
+    Per layer and micro-batch: RMSNorm with the previous layer's residual add fused in, the QKV GEMM, then the
+    backend's ``prepare`` (RoPE, the K/V append and the scoring-state update in one kernel, selection, block
+    table, copies); later ``finish`` (attention), the O projection, RMSNorm with its residual add, the gate/up
+    GEMM, SiLU-mul, the down GEMM. The norms and SiLU-mul are ``runtime.token_kernels``'s (one launch each, torch
+    on the CPU), so a layer is about a dozen launches."""
 
     def __init__(self, shape: ModelSpec, weights: Weights, backend, tokens: torch.Tensor, theta: float = 500000.0,
                  microbatches: int = 1):
@@ -80,37 +89,39 @@ class Decoder:
         self.inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, device=tokens.device, dtype=torch.float32) / d)
 
     def step(self) -> None:
-        """One decode step in the micro-batch schedule of ``nosasim.sim.schedule.program``: for each layer, a
+        """One decode step in the micro-batch schedule of ``nosasim.contract.program``: for each layer, a
         micro-batch's "pre" half (norm, QKV, RoPE, selection, table update, transfers issued) runs after the other
         micro-batches' "post" half of the layer before (attention, O projection, MLP), so its transfers overlap
         their compute. With one micro-batch this is the plain layer-by-layer step."""
         s, w, be = self.shape, self.w, self.backend
-        pos = be.begin_step()  # [B] position of the new token
-        H, G, D = s.kv_heads, s.group, s.head_dim
-        ang = pos.float()[:, None, None] * self.inv_freq
-        cos, sin = ang.cos(), ang.sin()
+        be.begin_step()
+        H, D = s.kv_heads, s.head_dim
         parts = [(b0, b1, be.part_rows(b0, b1)) for b0, b1 in self.groups]
+        # Per part: the residual stream and the last layer's output still to be added to it (None at layer 0).
         xs = [w.embed[self.tokens[b0:b1]] for b0, b1, _ in parts]
+        pending: list = [None] * len(parts)
 
         def pre(li: int, j: int) -> None:
-            b0, b1, rows = parts[j]
-            n, lw = b1 - b0, w.layers[li]
-            qkv = rms_norm(xs[j], lw.attn_norm) @ lw.wqkv
+            _, _, rows = parts[j]
+            lw = w.layers[li]
+            if pending[j] is None:
+                h = token_kernels.rms_norm(xs[j], lw.attn_norm)
+            else:
+                h, xs[j] = token_kernels.rms_norm(xs[j], lw.attn_norm, residual=pending[j])
+            qkv = h @ lw.wqkv
             q, k, v = qkv.split([s.q_heads * D, H * D, H * D], -1)
-            q = rope(q.view(n, s.q_heads, D), cos[b0:b1], sin[b0:b1])
-            k = rope(k.view(n, H, D), cos[b0:b1], sin[b0:b1])
-            be.prepare(li, rows, q.view(n * H, G, D), k.reshape(n * H, D), v.reshape(n * H, D), lw)
+            be.prepare(li, rows, q, k, v, lw, inv_freq=self.inv_freq)
 
         def post(li: int, j: int) -> None:
             b0, b1, rows = parts[j]
             lw = w.layers[li]
-            x = xs[j] + be.finish(li, rows).reshape(b1 - b0, s.q_heads * D) @ lw.wo
-            gate, up = (rms_norm(x, lw.mlp_norm) @ lw.w13).chunk(2, -1)
-            xs[j] = x + (F.silu(gate) * up) @ lw.w2
+            o = be.finish(li, rows).reshape(b1 - b0, s.q_heads * D) @ lw.wo
+            h, xs[j] = token_kernels.rms_norm(xs[j], lw.mlp_norm, residual=o)
+            pending[j] = token_kernels.silu_mul(h @ lw.w13) @ lw.w2
 
         for kind, li, j in program(s.layers, len(parts)):
             (pre if kind == "pre" else post)(li, j)
         be.end_step()
-        for (b0, b1, _), x in zip(parts, xs):
-            self.tokens[b0:b1].copy_((rms_norm(x, w.norm) @ w.lm_head).argmax(-1))
-
+        for (b0, b1, _), x, delta in zip(parts, xs, pending):
+            h, _ = token_kernels.rms_norm(x, w.norm, residual=delta)
+            self.tokens[b0:b1].copy_((h @ w.lm_head).argmax(-1))

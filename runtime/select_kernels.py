@@ -16,10 +16,23 @@ map to order-preserving 32-bit keys (NaN lowest, then -inf, and -0.0 equal to +0
 a radix search finds the ``budget``-th largest key among the allowed blocks, every allowed block above it is taken,
 and an inclusive prefix count over the blocks equal to it takes the lowest ids first, which is the stable sort's tie
 rule.
+
+``select_fused`` does scoring and selection in one launch (``launches=1``) or two (``launches=2``). Its logits pass
+(``_fused_kernel``) gives each program ``tiles`` consecutive chunks of ``BN`` compressed keys in a software-pipelined
+loop, so several key tiles are in flight per program and a program's fixed costs (query load, context, launch) are
+paid once per ``tiles * BN`` keys rather than per chunk. It writes the same fp32 logits and per-chunk softmax
+statistics as ``_logits_kernel``. With one launch, each program then counts itself done on a per-row counter; the
+row's last program (the others' writes are visible to it: barrier, then an acquire-release atomic) merges the
+statistics, pools the block scores in registers and selects from them, while other rows still stream: the pool and
+selection passes cost no launch and mostly hide under the key reads. With two launches the same row tail runs in
+``_pool_select_kernel``, one program per row. Both compute exactly today's arithmetic (same chunks, same merge, same
+pooling order, the same ``_take_top``), so the block scores equal ``qaware_scores_triton``'s whenever the logits do,
+and the ids equal ``select_blocks_triton``'s from the same block scores.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -78,17 +91,18 @@ if triton is not None:
         return gt | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= need))
 
     @triton.jit
-    def _select_kernel(qs_ptr, qs_stride, ag_ptr, ag_stride, ctx_ptr, out_ptr, nb, K, KQ, SINK, WINDOW, BS,
-                       HAS_AGN: tl.constexpr, NBP: tl.constexpr, KP: tl.constexpr, RADIX: tl.constexpr):
-        r = tl.program_id(0).to(tl.int64)
+    def _select_row(r, qs, c, ag_ptr, ag_stride, out_ptr, nb, K, KQ, SINK, WINDOW, BS,
+                    HAS_AGN: tl.constexpr, NBP: tl.constexpr, KP: tl.constexpr, RADIX: tl.constexpr):
+        """The sink/window/top-k rule of one row from its fp32 block scores ``qs [NBP]`` (entries past ``nb`` are
+        ignored) at context ``c``; writes the row's ``K`` sorted ids, -1 padded. One function for
+        ``_select_kernel`` and the fused row tail, so the two cannot drift apart."""
         col = tl.arange(0, NBP)
         inb = col < nb
-        c = tl.load(ctx_ptr + r).to(tl.int32)
         tail = tl.where(c > 0, (c - 1) // BS, 0)  # complete blocks; ctx 0 (no tail) selects nothing either way
         complete = inb & (col < tail)
         forced = complete & ((col < SINK) | (col >= tail - (WINDOW - 1)))
         q_budget = tl.maximum(KQ - 1 - tl.sum(forced.to(tl.int32), axis=0), 0)
-        qkey = _order_key(tl.load(qs_ptr + r * qs_stride + col, mask=inb, other=0.0).to(tl.float32))
+        qkey = _order_key(qs)
         chosen = forced | _take_top(qkey, complete & ~forced, q_budget, RADIX)
         if HAS_AGN:
             e_budget = tl.maximum(K - 1 - tl.sum(chosen.to(tl.int32), axis=0), 0)
@@ -104,11 +118,23 @@ if triton is not None:
         tl.store(out_ptr + r * K + slot, tl.full([KP], -1, tl.int64), mask=(slot >= n) & (slot < K))
 
     @triton.jit
-    def _n_compressed(ctx_ptr, r, NC, STRIDE: tl.constexpr):
-        """Complete compressed keys at context ``ctx[r]``: ``(ctx - 2s) // s + 1`` floored, clamped to [0, NC]."""
+    def _select_kernel(qs_ptr, qs_stride, ag_ptr, ag_stride, ctx_ptr, out_ptr, nb, K, KQ, SINK, WINDOW, BS,
+                       HAS_AGN: tl.constexpr, NBP: tl.constexpr, KP: tl.constexpr, RADIX: tl.constexpr):
+        r = tl.program_id(0).to(tl.int64)
+        col = tl.arange(0, NBP)
         c = tl.load(ctx_ptr + r).to(tl.int32)
+        qs = tl.load(qs_ptr + r * qs_stride + col, mask=col < nb, other=0.0).to(tl.float32)
+        _select_row(r, qs, c, ag_ptr, ag_stride, out_ptr, nb, K, KQ, SINK, WINDOW, BS, HAS_AGN, NBP, KP, RADIX)
+
+    @triton.jit
+    def _nc_at(c, NC, STRIDE: tl.constexpr):
+        """Complete compressed keys at context ``c``: ``(c - 2s) // s + 1`` floored, clamped to [0, NC]."""
         n = tl.where(c >= 2 * STRIDE, (c - 2 * STRIDE) // STRIDE + 1, 0)
         return tl.minimum(n, NC)
+
+    @triton.jit
+    def _n_compressed(ctx_ptr, r, NC, STRIDE: tl.constexpr):
+        return _nc_at(tl.load(ctx_ptr + r).to(tl.int32), NC, STRIDE)
 
     @triton.jit
     def _logits_kernel(q_ptr, q_sr, q_sg, ck_ptr, ck_sr, ck_sj, ctx_ptr, lg_ptr, lg_sr, lg_sg, mx_ptr, se_ptr,
@@ -190,6 +216,130 @@ if triton is not None:
             blk = tl.maximum(tl.max(tl.where(tap, p, float("-inf")), axis=1), tl.where(tap_p, pp, float("-inf")))
             tl.store(out_ptr + r * out_sr + i, blk, mask=i < NB)
 
+    @triton.jit
+    def _row_tail(r, c, n_c, lg_ptr, lg_sr, lg_sg, mx_ptr, se_ptr, NCH, ag_ptr, ag_sr, ids_ptr, sc_ptr, sc_sr,
+                  NC, nb, K, KQ, SINK, WINDOW, BS, BN: tl.constexpr, G: tl.constexpr, GP: tl.constexpr,
+                  CHP: tl.constexpr, PER: tl.constexpr, NBP: tl.constexpr, KP: tl.constexpr, RADIX: tl.constexpr,
+                  HAS_AGN: tl.constexpr):
+        """One row after its logits exist: ``_pool_kernel``'s arithmetic over all ``NBP`` blocks at once (the block
+        scores stay in registers), then ``_select_row`` on them. The scores are also stored, always: 4 bytes a
+        block is ~0.4% of the keys' bytes, less than another compiled variant costs.
+
+        Loads bypass L1 (``.cg``): the logits and statistics were written by other programs, possibly on other SMs,
+        during this same launch."""
+        g = tl.arange(0, GP)
+        ch = tl.arange(0, CHP)
+        ok = (g < G)[:, None] & (ch < NCH)[None, :] & (ch * BN < n_c)[None, :]
+        at = (r * G + g[:, None]) * NCH + ch[None, :]
+        cm = tl.load(mx_ptr + at, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        m = tl.max(cm, axis=1)
+        m = tl.where(m == float("-inf"), 0.0, m)  # padding heads (and n_c == 0): keeps exp() free of NaN
+        cs = tl.load(se_ptr + at, mask=ok, other=0.0, cache_modifier=".cg")
+        s = tl.sum(tl.where(ok, cs * tl.exp(cm - m[:, None]), 0.0), axis=1)
+        s = tl.where(s > 0, s, 1.0)
+        # Block i max-pools the keys j = PER*i - 1 .. PER*i + PER - 1 that exist (j < NC), as _pool_kernel does: the
+        # block's own PER keys, then ``tl.maximum`` with the one before. One [G, NBP] tile per tap instead of a
+        # [blocks, taps] tile per head keeps registers flat at 2,049 blocks; max is exact, so the grouping changes
+        # nothing, and the group sum adds the heads in order, as _pool_kernel's loop does.
+        i = tl.arange(0, NBP)
+        inb = i < nb
+        hm = g < G
+        own = tl.full([NBP], float("-inf"), tl.float32)
+        prev = tl.full([NBP], float("-inf"), tl.float32)
+        for t in tl.static_range(PER + 1):
+            j = i * PER + (t - 1)  # t == 0: the key before the block
+            tap = inb & (j >= 0) & (j < NC)
+            live = hm[:, None] & (tap & (j < n_c))[None, :]
+            x = tl.load(lg_ptr + r * lg_sr + g[:, None] * lg_sg + j[None, :], mask=live, other=float("-inf"),
+                        cache_modifier=".cg")
+            p = tl.sum(tl.where(live, tl.exp(x - m[:, None]) / s[:, None], 0.0), axis=0)
+            v = tl.where(tap, p, float("-inf"))
+            if t == 0:
+                prev = v
+            elif t == 1:
+                own = v
+            else:  # NaN-ignoring, as the reduction _pool_kernel takes over these taps (GPU and interpreter alike)
+                own = tl.where((v > own) | (own != own), v, own)  # noqa: PLR0124 - the NaN test
+        blk = tl.maximum(own, prev)
+        tl.store(sc_ptr + r * sc_sr + i, blk, mask=inb)
+        _select_row(r, tl.where(inb, blk, 0.0), c, ag_ptr, ag_sr, ids_ptr, nb, K, KQ, SINK, WINDOW, BS,
+                    HAS_AGN, NBP, KP, RADIX)
+
+    @triton.jit
+    def _fused_kernel(q_ptr, q_sr, q_sg, ck_ptr, ck_sr, ck_sj, ctx_ptr, ctx_s, lg_ptr, lg_sr, lg_sg, mx_ptr, se_ptr,
+                      cnt_ptr, ag_ptr, ag_sr, ids_ptr, sc_ptr, sc_sr, NC, NCH, SPLITS, nb, K, KQ, SINK, WINDOW, BS,
+                      sqrt_d, G: tl.constexpr, GQ: tl.constexpr, GP: tl.constexpr, D: tl.constexpr,
+                      DP: tl.constexpr, BN: tl.constexpr, TILES: tl.constexpr, STAGES: tl.constexpr,
+                      STRIDE: tl.constexpr, IEEE: tl.constexpr, TAIL: tl.constexpr, CHP: tl.constexpr,
+                      PER: tl.constexpr, NBP: tl.constexpr, KP: tl.constexpr, RADIX: tl.constexpr,
+                      HAS_AGN: tl.constexpr):
+        """Program ``(row, split)``: the logits and per-chunk statistics of ``TILES`` chunks of ``BN`` keys, exactly
+        as ``_logits_kernel`` computes each chunk; with ``TAIL`` the row's last program to finish then runs
+        ``_row_tail``. A 1-D grid with the split fastest, so a row's programs run side by side and its logits are
+        still in L2 when the tail reads them back."""
+        pid = tl.program_id(0)
+        sp = pid % SPLITS
+        r = (pid // SPLITS).to(tl.int64)
+        c = tl.load(ctx_ptr + r * ctx_s).to(tl.int32)
+        n_c = _nc_at(c, NC, STRIDE)
+        lo = sp * (TILES * BN)
+        if lo < n_c:  # splits past the complete keys read and write nothing (the tail masks their chunks)
+            g = tl.arange(0, GQ)
+            d = tl.arange(0, DP)
+            gm = g < G
+            qq = tl.load(q_ptr + r * q_sr + g[:, None] * q_sg + d[None, :], mask=gm[:, None] & (d < D)[None, :],
+                         other=0.0)
+            if IEEE:
+                qq = qq.to(tl.float32)
+            # A static trip count: the pipeliner keeps STAGES - 1 tiles in flight; chunks past n_c in the row's last
+            # split are predicated off (no bytes move).
+            for t in tl.range(0, TILES, num_stages=STAGES):
+                j0 = lo + t * BN
+                j = j0 + tl.arange(0, BN)
+                jm = j < n_c
+                if DP == D:  # no mask along the contiguous dimension: full-width vector loads
+                    km = jm[:, None]
+                else:
+                    km = jm[:, None] & (d < D)[None, :]
+                # Keys are read once: evict them first, so the row's logits stay in L2 until its tail reads them (at
+                # ~4 TB/s the keys turn the whole L2 over in about one program's lifetime).
+                kk = tl.load(ck_ptr + r * ck_sr + j[:, None].to(tl.int64) * ck_sj + d[None, :], mask=km, other=0.0,
+                             eviction_policy="evict_first")
+                if IEEE:
+                    acc = tl.dot(qq, tl.trans(kk.to(tl.float32)), input_precision="ieee")
+                else:
+                    acc = tl.dot(qq, tl.trans(kk))
+                logit = acc / sqrt_d  # [GQ, BN]
+                tl.store(lg_ptr + r * lg_sr + g[:, None] * lg_sg + j[None, :], logit, mask=gm[:, None] & jm[None, :])
+                x = tl.where(jm[None, :], logit, float("-inf"))
+                mt = tl.max(x, axis=1)
+                at = (r * G + g) * NCH + j0 // BN
+                live = gm & (j0 < n_c)  # a chunk with no complete key keeps no statistics (as _logits_kernel)
+                tl.store(mx_ptr + at, mt, mask=live)
+                mt = tl.where(j0 < n_c, mt, 0.0)  # a dead chunk's max is -inf: keep its (unstored) sum free of NaN
+                tl.store(se_ptr + at, tl.sum(tl.exp(x - mt[:, None]), axis=1), mask=live)
+        if TAIL:
+            # Every thread's stores above come before the count (barrier), and the count releases them at GPU scope;
+            # the last program's acquire makes all of the row's stores visible to it. The last one also re-arms the
+            # counter for the next launch, so a replayed CUDA graph needs no reset of its own.
+            tl.debug_barrier()
+            done = tl.atomic_add(cnt_ptr + r, 1, sem="acq_rel", scope="gpu")
+            if done == SPLITS - 1:
+                tl.store(cnt_ptr + r, 0)
+                _row_tail(r, c, n_c, lg_ptr, lg_sr, lg_sg, mx_ptr, se_ptr, NCH, ag_ptr, ag_sr, ids_ptr, sc_ptr,
+                          sc_sr, NC, nb, K, KQ, SINK, WINDOW, BS, BN, G, GP, CHP, PER, NBP, KP, RADIX, HAS_AGN)
+
+    @triton.jit
+    def _pool_select_kernel(ctx_ptr, ctx_s, lg_ptr, lg_sr, lg_sg, mx_ptr, se_ptr, ag_ptr, ag_sr, ids_ptr, sc_ptr,
+                            sc_sr, NC, NCH, nb, K, KQ, SINK, WINDOW, BS, BN: tl.constexpr, G: tl.constexpr,
+                            GP: tl.constexpr, CHP: tl.constexpr, STRIDE: tl.constexpr, PER: tl.constexpr,
+                            NBP: tl.constexpr, KP: tl.constexpr, RADIX: tl.constexpr, HAS_AGN: tl.constexpr):
+        """The row tail as its own launch, one program per row (``select_fused(launches=2)``)."""
+        r = tl.program_id(0).to(tl.int64)
+        c = tl.load(ctx_ptr + r * ctx_s).to(tl.int32)
+        _row_tail(r, c, _nc_at(c, NC, STRIDE), lg_ptr, lg_sr, lg_sg, mx_ptr, se_ptr, NCH, ag_ptr, ag_sr, ids_ptr,
+                  sc_ptr, sc_sr, NC, nb, K, KQ, SINK, WINDOW, BS, BN, G, GP, CHP, PER, NBP, KP, RADIX, HAS_AGN)
+
 
 def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
@@ -253,3 +403,181 @@ def qaware_scores_triton(ckeys: torch.Tensor, nc: int, q: torch.Tensor, ctx: tor
                        NC=nc, NB=n_blocks, G=G, GP=_pow2(G), CHP=_pow2(nch), STRIDE=stride, PER=per,
                        TP=_pow2(per), BB=min(bb, _pow2(n_blocks)), num_warps=pool_warps)
     return out
+
+
+# Scratch buffers are plain ``torch.empty``: the kernels never read what they did not write in the same call (the
+# tests poison them through this alias to prove it).
+_scratch_empty = torch.empty
+# Per-device row counters of the one-launch path, all zero between launches (each launch's last program per row
+# re-arms its counter). Grown, never shrunk or freed: a captured CUDA graph keeps the address it was captured with.
+_COUNTERS: dict = {}
+_RETIRED: list = []
+
+
+def _counters(device: torch.device, rows: int) -> torch.Tensor:
+    index = device.index if device.index is not None or device.type != "cuda" else torch.cuda.current_device()
+    key = (device.type, index)
+    have = _COUNTERS.get(key)
+    if have is not None and have.numel() >= rows:
+        return have
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # A buffer zeroed during capture would be zeroed only when the graph replays, so a larger one cannot be
+        # cached here; this call gets its own (one memset node in the graph). Warm up outside the capture to avoid.
+        return torch.zeros(rows, dtype=torch.int32, device=device)
+    if have is not None:
+        _RETIRED.append(have)
+    _COUNTERS[key] = torch.zeros(max(rows, 1 << 14), dtype=torch.int32, device=device)
+    return _COUNTERS[key]
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_type: str, index: int | None) -> int:
+    if device_type != "cuda":
+        return 4  # the interpreter: few programs, and tests pick ``tiles`` themselves
+    return torch.cuda.get_device_properties(index if index is not None else torch.cuda.current_device()
+                                            ).multi_processor_count
+
+
+def _auto_tiles(rows: int, nch: int, sms: int) -> int:
+    """Key chunks per program: up to 8 (a 64-key chunk is 16 KiB of bf16 keys, so up to 128 KiB per program
+    amortises its fixed costs), halved while the grid would give fewer than two programs per SM (small batches and
+    contexts need the splits to fill the GPU). Between half that and that, the count that leaves the fewest
+    iterations past the last chunk (the loop's trip count is static): 65 chunks run as 13 programs of 5, not 9 of 8
+    whose last one idles through 7."""
+    most = 8
+    while most > 1 and rows * triton.cdiv(nch, most) < 2 * sms:
+        most //= 2
+    most = min(most, nch)
+    return min(range(max(1, most // 2), most + 1), key=lambda t: (triton.cdiv(nch, t) * t - nch, -t))
+
+
+def _check_fused(ckeys, nc, q, ctx, n_blocks, k, k_q_eff, sink, window, block_size, agnostic, stride, launches, bn,
+                 tiles, num_stages, num_warps, tail_warps, radix, out_ids, out_scores):
+    def bad(field, msg):
+        raise ValueError(f"select_fused: {field} {msg}")
+
+    if q.dim() != 3:
+        bad("q", f"must be [rows, group, head_dim], got shape {tuple(q.shape)}")
+    R, G, D = q.shape
+    if ckeys.dim() != 3 or ckeys.shape[0] != R or ckeys.shape[2] != D:
+        bad("ckeys", f"must be [rows={R}, >= nc, head_dim={D}], got shape {tuple(ckeys.shape)}")
+    if ckeys.stride(2) != 1 or q.stride(2) != 1:
+        bad("ckeys/q", "must be contiguous along the head dimension")
+    if ckeys.dtype not in SCORE_DTYPES:
+        bad("ckeys", f"dtype must be one of {SCORE_DTYPES}, got {ckeys.dtype}")
+    if not 0 <= nc <= ckeys.shape[1]:
+        bad("nc", f"must lie in [0, ckeys.shape[1]={ckeys.shape[1]}], got {nc}")
+    if ctx.dim() != 1 or ctx.shape[0] != R or ctx.dtype.is_floating_point or ctx.dtype == torch.bool:
+        bad("ctx", f"must be an integer tensor [rows={R}], got {ctx.dtype} {tuple(ctx.shape)}")
+    if len({t.device for t in (ckeys, q, ctx)}) != 1:
+        bad("ckeys/q/ctx", "must be on one device")
+    if n_blocks < 0:
+        bad("n_blocks", f"must be >= 0, got {n_blocks}")
+    if k < 1:
+        bad("k", f"must be >= 1, got {k}")
+    if not 1 <= k_q_eff <= k:
+        bad("k_q_eff", f"must lie in [1, k={k}], got {k_q_eff}")
+    if sink < 0 or window < 1:
+        bad("sink/window", f"must be >= 0 and >= 1, got {sink}, {window}")
+    if stride < 1 or block_size < stride or block_size % stride:
+        bad("block_size", f"must be a positive multiple of stride={stride}, got {block_size}")
+    if agnostic is not None:
+        if agnostic.shape not in ((R, n_blocks), (n_blocks,)):
+            bad("agnostic", f"must be [rows={R}, n_blocks={n_blocks}] or [n_blocks], got {tuple(agnostic.shape)}")
+        if agnostic.dtype not in SCORE_DTYPES or agnostic.stride(-1) != 1 or agnostic.device != q.device:
+            bad("agnostic", f"must be a {SCORE_DTYPES} tensor on {q.device}, contiguous along the block axis")
+    if launches not in (1, 2):
+        bad("launches", f"must be 1 or 2, got {launches}")
+    if bn < 16 or bn & (bn - 1):
+        bad("bn", f"must be a power of two >= 16, got {bn}")
+    if tiles is not None and tiles < 1:
+        bad("tiles", f"must be >= 1, got {tiles}")
+    if num_stages < 1:
+        bad("num_stages", f"must be >= 1, got {num_stages}")
+    for field, w in (("num_warps", num_warps), ("tail_warps", tail_warps)):
+        if w is not None and w not in (1, 2, 4, 8, 16):
+            bad(field, f"must be 1, 2, 4, 8 or 16, got {w}")
+    if radix is not None and radix not in (1, 2, 4, 8):
+        bad("radix", f"must be 1, 2, 4 or 8, got {radix}")
+    if out_ids is not None and (out_ids.shape != (R, k) or out_ids.dtype != torch.int64
+                                or not out_ids.is_contiguous() or out_ids.device != q.device):
+        bad("out_ids", f"must be a contiguous int64 [{R}, {k}] tensor on {q.device}")
+    if out_scores is not None and (out_scores.shape != (R, n_blocks) or out_scores.dtype != torch.float32
+                                   or (n_blocks and out_scores.stride(1) != 1) or out_scores.device != q.device):
+        bad("out_scores", f"must be a float32 [{R}, {n_blocks}] tensor on {q.device}, contiguous along blocks")
+
+
+def select_fused(ckeys: torch.Tensor, nc: int, q: torch.Tensor, ctx: torch.Tensor, n_blocks: int, *, k: int,
+                 k_q_eff: int, sink: int, window: int, block_size: int, agnostic: torch.Tensor | None, stride: int,
+                 return_scores: bool = False, launches: int = 1, bn: int = 64, tiles: int | None = None,
+                 num_stages: int = 3, num_warps: int | None = None, tail_warps: int | None = None,
+                 radix: int | None = None, out_ids: torch.Tensor | None = None,
+                 out_scores: torch.Tensor | None = None):
+    """InfLLM-V2 / NOSA selection from compressed keys in one launch: ``qaware_scores_triton`` followed by
+    ``select_blocks_triton``, same arguments, same results: ids ``int64 [R, k]`` sorted and -1 padded, and with
+    ``return_scores`` also the fp32 block scores ``[R, n_blocks]`` they were selected from.
+
+    ``ckeys [R, >= nc, D]``, ``q [R, G, D]`` and ``ctx [R]`` may be row slices of larger tensors (any row stride);
+    ``agnostic`` is ``[R, n_blocks]`` (any row stride), ``[n_blocks]`` for all rows, or None (InfLLM-V2); it is used
+    only when ``k_q_eff < k``. ``out_ids`` / ``out_scores``: buffers to write instead of new ones (every element is
+    written).
+
+    Knobs (the defaults are the expected best on an H100/H200; ``benchmarks/bench_select.py`` sweeps them):
+    ``launches`` 1 (the row tail inside the logits launch) or 2 (a separate pool+select launch); ``bn`` keys per
+    chunk (64: the chunking of ``qaware_scores_triton``, whose statistics these then equal); ``tiles`` chunks per
+    program (None: 4 to 8, fewer when the grid would not fill the GPU, as evenly as the static loop allows);
+    ``num_stages`` software-pipeline depth of the key loads (3: two 16 KiB tiles in flight per program);
+    ``num_warps`` of the logits launch (None: 4, 8 from 4,096 padded blocks, where the tail's registers need them);
+    ``tail_warps`` of the two-launch path's pool+select kernel (None: one per 256 padded blocks, 2 to 8); ``radix``
+    of the top-k search (None: 2 on the GPU, 8 in the interpreter).
+
+    One-launch calls share a per-device counter buffer: two of them must not run at once on different streams."""
+    _check_fused(ckeys, nc, q, ctx, n_blocks, k, k_q_eff, sink, window, block_size, agnostic, stride, launches, bn,
+                 tiles, num_stages, num_warps, tail_warps, radix, out_ids, out_scores)
+    R, G, D = q.shape
+    dev = q.device
+    ids = out_ids if out_ids is not None else torch.empty((R, k), dtype=torch.int64, device=dev)
+    scores = out_scores if out_scores is not None else torch.empty((R, n_blocks), dtype=torch.float32, device=dev)
+    if R == 0:
+        return (ids, scores) if return_scores else ids
+    if q.dtype != ckeys.dtype:  # torch's rounding, done by torch (the interpreter's own fp32 -> bf16 truncates)
+        q = q.to(ckeys.dtype)
+    if radix is None:
+        radix = 2 if ckeys.is_cuda else 8
+    has_agn = agnostic is not None and k_q_eff < k
+    ag, ag_sr = (agnostic, (agnostic.stride(0) if agnostic.dim() == 2 else 0)) if has_agn else (scores, 0)
+    per = block_size // stride
+    nch = triton.cdiv(max(nc, 1), bn)
+    tiles = _auto_tiles(R, nch, _sm_count(dev.type, dev.index)) if tiles is None else min(tiles, nch)
+    splits = triton.cdiv(nch, tiles)
+    nbp = _pow2(max(n_blocks, 1))
+    f32 = {"dtype": torch.float32, "device": dev}
+    logits = _scratch_empty((R, G, max(nc, 1)), **f32)
+    cmax = _scratch_empty((R, G, nch), **f32)
+    csum = _scratch_empty((R, G, nch), **f32)
+    # fp32 keys, and CPU tensors (Triton's interpreter multiplies bf16 operands of tl.dot as raw integers): an fp32
+    # ieee dot, exact for 16-bit inputs as well.
+    ieee = ckeys.dtype == torch.float32 or not ckeys.is_cuda
+    sel = {"NBP": nbp, "KP": _pow2(k), "RADIX": radix, "HAS_AGN": has_agn}
+    row = {"G": G, "GP": _pow2(G), "CHP": _pow2(nch), "PER": per}
+    tail = launches == 1
+    if num_warps is None:
+        num_warps = 8 if tail and nbp >= 4096 else 4
+    # The two-launch logits pass compiles once for all block counts: its tail constants are placeholders.
+    consts = dict(sel, **row) if tail else {"NBP": 1, "KP": 1, "RADIX": 8, "HAS_AGN": False, "G": G, "GP": _pow2(G),
+                                            "CHP": 1, "PER": 1}
+    cnt = _counters(dev, R) if tail else ids
+    _fused_kernel[(R * splits,)](
+        q, q.stride(0), q.stride(1), ckeys, ckeys.stride(0), ckeys.stride(1), ctx, ctx.stride(0), logits,
+        logits.stride(0), logits.stride(1), cmax, csum, cnt, ag, ag_sr, ids, scores, scores.stride(0), nc, nch,
+        splits, n_blocks, k, k_q_eff, sink, window, block_size, math.sqrt(D), GQ=max(16, _pow2(G)), D=D,
+        DP=max(16, _pow2(D)), BN=bn, TILES=tiles, STAGES=num_stages, STRIDE=stride, IEEE=ieee, TAIL=tail,
+        num_warps=num_warps, **consts)
+    if not tail:
+        if tail_warps is None:
+            tail_warps = max(2, min(8, nbp // 256))
+        _pool_select_kernel[(R,)](
+            ctx, ctx.stride(0), logits, logits.stride(0), logits.stride(1), cmax, csum, ag, ag_sr, ids, scores,
+            scores.stride(0), nc, nch, n_blocks, k, k_q_eff, sink, window, block_size, BN=bn, STRIDE=stride,
+            num_warps=tail_warps, **sel, **row)
+    return (ids, scores) if return_scores else ids

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from . import select_kernels
+from .dispatch import kernels_on
 
 
 @dataclass
@@ -134,7 +135,7 @@ def append_token(state: ScoreState, layer: int, pos: torch.Tensor, k: torch.Tens
 
 def _want_triton(use_triton: bool | None, t: torch.Tensor) -> bool:
     """``None``: the Triton kernels when triton is importable and the tensors are on CUDA, else the torch code."""
-    return select_kernels.AVAILABLE and t.is_cuda if use_triton is None else use_triton
+    return select_kernels.AVAILABLE and kernels_on(t) if use_triton is None else use_triton
 
 
 def qaware_block_scores(state: ScoreState, layer: int, q: torch.Tensor, ctx: torch.Tensor, n_blocks: int, *,

@@ -51,6 +51,17 @@ def time_graph(fn, inner: int = 10, reps: int = 10) -> float:
     return time_cuda(g.replay, reps=reps, warmup=2) / inner
 
 
+def hbm_copy_peak(device="cuda", nbytes: int = 1 << 30) -> float:
+    """HBM bandwidth as the project measures it: bytes read plus written per second by a 1 GiB device-to-device
+    copy (the calibration's ``hbm_Bps`` and every benchmark's reference)."""
+    x = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(3)
+    y = torch.empty_like(x)
+    rate = 2 * nbytes / time_cuda(lambda: y.copy_(x), reps=10)
+    del x, y
+    torch.cuda.empty_cache()
+    return rate
+
+
 def environment() -> dict:
     """Device, driver and library versions plus the date: stored with every result."""
     env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -37,8 +37,8 @@ def _allocated(cfg: RuntimeConfig) -> dict[str, int]:
         out["kv_cache"] = _nbytes(DenseBackend(cfg, "cpu").pool)
         return out
     host = HostStore.allocate(cfg, pin=False)
-    be = OffloadBackend(cfg, "cpu", host, torch.zeros((1, cfg.shape.layers, cfg.shape.kv_heads, cfg.batch,
-                                                        cfg.budget.k), dtype=torch.long))
+    trace = torch.zeros((1, cfg.shape.layers, cfg.shape.kv_heads, cfg.batch, cfg.budget.k), dtype=torch.long)
+    be = OffloadBackend(cfg, "cpu", host, trace if cfg.variant == "trace" else None)
     t, sc = be.table, be.scores
     out["kv_cache"] = _nbytes(be.pool)
     static = t.static if t.static is not None and (sc.static is None or t.static.data_ptr() != sc.static.data_ptr()) \
@@ -59,9 +59,12 @@ CASES = [("dense", None, "prev"), ("infllmv2", Budget(12, window=4), "lru"),
 
 @pytest.mark.parametrize("variant,budget,policy", CASES)
 @pytest.mark.parametrize("batch,context", [(3, 500), (1, 127)])
-def test_runtime_allocates_the_plan(variant, budget, policy, batch, context):
+@pytest.mark.parametrize("kv_dtype", [None, "fp8"])
+def test_runtime_allocates_the_plan(variant, budget, policy, batch, context, kv_dtype):
+    if kv_dtype and variant == "dense":
+        pytest.skip("dense keeps its KV in the run's dtype")
     cfg = RuntimeConfig(SHAPE, variant, batch=batch, context=context, steps=9, budget=budget, policy=policy,
-                        dtype="float32")
+                        dtype="float32", kv_dtype=kv_dtype)
     planned = cfg.gpu_bytes()
     got = _allocated(cfg)
     exact = {k: v for k, v in planned.items() if k in memory.EXACT_PARTS + ("step_counters",) and v}

@@ -144,10 +144,10 @@ def test_graph_replay_equals_eager(variant, k_q):
     assert torch.equal(outs[0], outs[2 if variant != "dense" else 1])
 
 
-def _microbatch_run(device, variant, k_q, policy, m, graph=False, steps=16):
+def _microbatch_run(device, variant, k_q, policy, m, graph=False, steps=16, split=False):
     cfg = RuntimeConfig(SHAPE, variant=variant, batch=5, context=900, steps=steps + 2, policy=policy,
                         budget=None if variant == "dense" else Budget(12, k_q, window=4, capacity=14),
-                        dtype="float32", microbatches=m)
+                        dtype="float32", microbatches=m, split_attention=split)
     r = Runner(cfg, device=device, seed=7, exact_prefill=True,
                weights=Weights.random(SHAPE, torch.float32, device, 7))
     toks = []
@@ -176,6 +176,12 @@ def test_microbatches_compute_the_same_step(device, variant, k_q, policy):
             assert torch.equal(a, b), (m, a.shape)
     if variant != "dense":
         assert int(ref[1].sum()) > 0
+        # Attention split around the copies (resident blocks first, copied ones after, merged by log-sum-exp)
+        # attends the same tokens: the same decode, with one micro-batch and with two.
+        for m in (1, 2):
+            got = _microbatch_run(device, variant, k_q, policy, m, graph=device == "cuda", split=True)
+            for a, b in zip(ref, got):
+                assert torch.equal(a, b), ("split", m, a.shape)
 
 
 def test_microbatches_must_fit_the_batch():

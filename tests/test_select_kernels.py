@@ -227,3 +227,245 @@ def test_scores_and_selection_replay_in_a_cuda_graph():
         assert torch.equal(s_out, s_ref)
         ids_ref = select_blocks_gpu(s_ref, ctx, k=k, k_q=k_q, agnostic=agn, use_triton=False)
         assert torch.equal(ids_out, ids_ref)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# select_fused: scoring and selection in one launch (or two), against the three launches and the CPU rule.
+
+BS, STRIDE = 64, 16
+
+
+def _fused_inputs(g, R, G, D, max_tokens, nb, dtype, device, *, ctx=None, agn_kind="random", key_kind="randn"):
+    """Row slices of larger tensors, as the backend passes a micro-batch's rows: keys, queries, contexts and NOSA's
+    frozen scores are all views with a row stride (and, for the scores, a padded block axis)."""
+    nc = max_tokens // STRIDE
+    lo, extra = 1, 3
+    keys = torch.randn(R + extra, nc + 1, D, generator=g)
+    if key_kind == "coarse":  # few distinct key values: many equal logits, so equal block scores
+        keys = torch.round(keys)
+    ck = keys.to(dtype).to(device)[lo: lo + R]
+    q = torch.randn(R + extra, G, D, generator=g).to(dtype).to(device)[lo: lo + R]
+    if ctx is None:
+        ctx = torch.randint(0, max_tokens + 1, (R,), generator=g)
+    ctx_full = torch.zeros(R + extra, dtype=torch.long)
+    ctx_full[lo: lo + R] = ctx
+    agn = _scores(g, R + extra, nb + 2, agn_kind).to(device)[lo: lo + R, :nb]
+    return ck, nc, q, ctx_full.to(device)[lo: lo + R], agn
+
+
+def _edge_contexts(R, max_tokens, nb):
+    """Per-row contexts: none, no compressed key, one, block boundaries (64m: the tail is the last full block; 64m+1:
+    a one-token tail), mid-block ends, more tokens than the keys (and blocks) hold; the rest spread out."""
+    edges = [0, 31, 32, 64, 65, 64 * 5, 64 * 5 + 1, 64 * 5 + 37, max_tokens, max_tokens + 100, nb * 64 + 1, 64 * 3 + 63]
+    ctx = torch.tensor([edges[i % len(edges)] if i < len(edges) else (max_tokens * i) // R for i in range(R)])
+    return ctx.clamp(min=0)
+
+
+def _fused(ck, nc, q, ctx, nb, k, k_q, agn, **kw):
+    kq = k if k_q is None else k_q
+    return select_kernels.select_fused(ck, nc, q, ctx, nb, k=k, k_q_eff=kq, sink=1, window=4, block_size=BS,
+                                       agnostic=agn if k_q is not None else None, stride=STRIDE,
+                                       return_scores=True, **kw)
+
+
+def _check_fused(ck, nc, q, ctx, nb, k, k_q, agn, *, exact_scores, cpu_rule=False, **kw):
+    """The fused ids and scores against: the three launches' scores (bit for bit when ``exact_scores``, else to fp32
+    rounding), ``select_blocks_triton`` and the torch rule on the fused scores (ids exactly), and optionally
+    ``nosasim.select`` (the CPU definition)."""
+    ids, sc = _fused(ck, nc, q, ctx, nb, k, k_q, agn, **kw)
+    R = q.shape[0]
+    assert ids.shape == (R, k) and ids.dtype == torch.int64 and sc.shape == (R, nb) and sc.dtype == torch.float32
+    ref = select_kernels.qaware_scores_triton(ck, nc, q, ctx, nb, stride=STRIDE, block_size=BS)
+    if exact_scores:
+        assert torch.equal(sc.isnan(), ref.isnan()) and torch.equal(sc.nan_to_num(), ref.nan_to_num())
+    else:
+        torch.testing.assert_close(sc, ref, rtol=1e-5, atol=1e-7, equal_nan=True)
+        assert torch.equal(sc.isinf(), ref.isinf())
+    kq = k if k_q is None else k_q
+    a = agn if k_q is not None else None
+    tri = select_kernels.select_blocks_triton(sc, ctx, k=k, k_q_eff=kq, sink=1, window=4, block_size=BS, agnostic=a)
+    assert torch.equal(ids, tri)
+    rule = select_blocks_gpu(sc, ctx, k=k, k_q=k_q, sink=1, window=4, block_size=BS, agnostic=a, use_triton=False)
+    assert torch.equal(ids, rule)
+    if cpu_rule:
+        select = pytest.importorskip("nosasim.select")
+        cref = select.select_blocks(sc.cpu().numpy(), ctx.cpu().numpy(), k=k, k_q=k_q, sink=1, window=4,
+                                    block_size=BS, agnostic=None if a is None else a.cpu().numpy())
+        np.testing.assert_array_equal(ids.cpu().numpy(), cref)
+    return ids, sc
+
+
+FUSED_CASES = [  # R, G, D, max_tokens, n_blocks, k, k_q (None: InfLLM-V2), key dtype, knobs
+    (6, 4, 32, 1100, 18, 10, 8, torch.bfloat16, {"tiles": 1}),  # NOSA; a program per chunk (many splits per row)
+    (6, 4, 32, 1100, 18, 10, None, torch.float32, {"tiles": 2, "launches": 2}),  # InfLLM-V2; two launches
+    (5, 2, 24, 700, 11, 40, 30, torch.bfloat16, {}),  # head dim not a power of two, group of 2; k > blocks: all fit
+    (5, 4, 16, 2200, 35, 12, 9, torch.float32, {"tiles": 8}),  # one split per row (tiles cover every chunk)
+    (4, 4, 32, 1100, 30, 10, 6, torch.bfloat16, {"tiles": 2}),  # more blocks than the keys reach: -inf tails
+    (4, 1, 16, 1500, 24, 9, None, torch.bfloat16, {"tiles": 4, "launches": 2}),  # no GQA group; uneven last split
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", range(len(FUSED_CASES)))
+def test_fused_matches_three_launches(device, case):
+    R, G, D, T, nb, k, k_q, dtype, kw = FUSED_CASES[case]
+    if device == "cuda":
+        R *= 24
+    g = torch.Generator().manual_seed(100 + case)
+    ctx = _edge_contexts(R, T, nb)
+    ck, nc, q, ctx, agn = _fused_inputs(g, R, G, D, T, nb, dtype, device, ctx=ctx)
+    # Same 64-key chunks and the same arithmetic as the three launches: in the interpreter the scores are the same
+    # bits; compiled, the reductions may group differently, so there fp32 rounding.
+    _check_fused(ck, nc, q, ctx, nb, k, k_q, agn, exact_scores=device == "cpu", **kw)
+
+
+@pytest.mark.triton
+def test_fused_matches_cpu_rule_fresh_inputs():
+    """Straight against nosasim's rule, on fresh random inputs (contexts within the scores, which it requires)."""
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    print(f"seed {seed}")  # shown by pytest if the test fails
+    g = torch.Generator().manual_seed(seed)
+    R, G, D, T, nb = 4, 4, 16, 1300, 21
+    ctx = torch.randint(0, nb * BS + 1, (R,), generator=g)
+    for k_q in (None, 9):
+        ck, nc, q, ctx_, agn = _fused_inputs(g, R, G, D, T, nb, torch.bfloat16, "cpu", ctx=ctx, agn_kind="ties")
+        _check_fused(ck, nc, q, ctx_, nb, 14, k_q, agn, exact_scores=True, cpu_rule=True, tiles=2)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, on the NaN rows in the interpreter
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_ties_nan_and_special_scores(device):
+    """Equal block scores everywhere (coarse keys, zero queries), a row of NaN keys (NaN block scores) and one with
+    a single NaN key, and NOSA's agnostic scores with NaN, -inf, +inf and -0.0: lower ids win ties, NaN ranks
+    last."""
+    R, G, D, T, nb, k, k_q = 6, 4, 16, 1500, 24, 12, 8
+    ctx = torch.tensor([T, T - 10, 64 * 12, 64 * 12 + 1, 64 * 20 + 33, 64 * 9])
+    if device == "cuda":
+        R, ctx = R * 16, ctx.repeat(16)
+    g = torch.Generator().manual_seed(21)
+    ck, nc, q, ctx, agn = _fused_inputs(g, R, G, D, T, nb, torch.float32, device, ctx=ctx, agn_kind="special",
+                                        key_kind="coarse")
+    q[1::3] = 0.0  # every logit 0: blocks with the same number of live keys tie
+    ck[2] = float("nan")  # NaN scores for every block with a live key
+    ck[5, 5, 3] = float("nan")  # one NaN key: the statistics' NaN handling must match the three launches'
+    for kq in (k_q, None):
+        _, sc = _check_fused(ck, nc, q, ctx, nb, k, kq, agn, exact_scores=device == "cpu", tiles=2)
+    assert sc[2].isnan().any()
+    counts = torch.stack([(sc[r, 1:] == sc[r, 1:].max()).sum() for r in range(1, R, 3)])
+    assert (counts > 1).any()  # the case does exercise ties among the top scores
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_writes_every_output_and_never_reads_stale_scratch(device, monkeypatch):
+    """Poisoned output buffers are fully overwritten; scratch poisoned with NaN gives the same results, so nothing
+    is read that this call did not write; the one-launch counters end re-armed (all zero)."""
+    R, G, D, T, nb, k, k_q = 5, 4, 16, 1100, 18, 10, 7
+    if device == "cuda":
+        R *= 16
+    g = torch.Generator().manual_seed(4)
+    ck, nc, q, ctx, agn = _fused_inputs(g, R, G, D, T, nb, torch.bfloat16, device, ctx=_edge_contexts(R, T, nb))
+    clean_ids, clean_sc = _fused(ck, nc, q, ctx, nb, k, k_q, agn, tiles=1)
+    poison = lambda *shape, **kw: torch.full(*shape, float("nan"), **kw)  # noqa: E731
+    monkeypatch.setattr(select_kernels, "_scratch_empty", poison)
+    for launches in (1, 2):
+        ids = torch.full((R, k), 12345, dtype=torch.int64, device=device)
+        sc = torch.full((R, nb), -7.0, device=device)
+        out = select_kernels.select_fused(ck, nc, q, ctx, nb, k=k, k_q_eff=k_q, sink=1, window=4, block_size=BS,
+                                          agnostic=agn, stride=STRIDE, launches=launches, tiles=1, out_ids=ids,
+                                          out_scores=sc)
+        assert out is ids and torch.equal(ids, clean_ids)
+        assert torch.equal(sc.isnan(), clean_sc.isnan()) and torch.equal(sc.nan_to_num(), clean_sc.nan_to_num())
+    assert not select_kernels._counters(torch.device(device), R)[:R].any()
+
+
+@pytest.mark.triton
+def test_fused_knobs_broadcast_agnostic_and_fp32_query():
+    """Other chunk sizes give the same scores to fp32 rounding (their softmax statistics are merged in another
+    grouping) and ids from them exactly; one agnostic row for all rows; an fp32 query is cast to the keys' bf16."""
+    g = torch.Generator().manual_seed(8)
+    R, G, D, T, nb, k, k_q = 5, 4, 16, 1300, 21, 12, 8
+    ck, nc, q, ctx, _ = _fused_inputs(g, R, G, D, T, nb, torch.bfloat16, "cpu", ctx=_edge_contexts(R, T, nb))
+    agn1 = _scores(g, 1, nb, "special")[0]
+    for kw in ({"bn": 32, "tiles": 3, "num_stages": 1}, {"bn": 128, "launches": 2}):
+        _check_fused(ck, nc, q, ctx, nb, k, k_q, agn1, exact_scores=False, **kw)
+    ids, sc = _fused(ck, nc, q.float(), ctx, nb, k, k_q, agn1, tiles=2)
+    ids_b, sc_b = _fused(ck, nc, q, ctx, nb, k, k_q, agn1, tiles=2)
+    assert torch.equal(ids, ids_b) and torch.equal(sc.nan_to_num(), sc_b.nan_to_num())
+
+
+@pytest.mark.triton
+def test_fused_degenerate_shapes():
+    g = torch.Generator().manual_seed(2)
+    ck, nc, q, ctx, agn = _fused_inputs(g, 3, 4, 16, 400, 7, torch.float32, "cpu")
+    ids, sc = _fused(ck[:0], nc, q[:0], ctx[:0], 7, 8, 6, agn[:0])
+    assert ids.shape == (0, 8) and sc.shape == (0, 7)
+    ids, sc = _fused(ck, nc, q, ctx, 0, 8, None, agn[:, :0])  # no blocks: nothing to select
+    assert sc.shape == (3, 0) and (ids == -1).all()
+    ids, sc = _fused(ck, 0, q, ctx, 7, 8, None, agn)  # no compressed keys: every block scores -inf
+    assert sc.isneginf().all()
+    assert torch.equal(ids, select_blocks_gpu(sc, ctx, k=8, sink=1, window=4, use_triton=False))
+
+
+def test_fused_rejects_bad_input():
+    g = torch.Generator().manual_seed(1)
+    ck, nc, q, ctx, agn = _fused_inputs(g, 3, 4, 16, 400, 7, torch.float32, "cpu")
+    base = dict(k=8, k_q_eff=6, sink=1, window=4, block_size=BS, agnostic=agn, stride=STRIDE)
+    bad = [
+        ({"q": q[0]}, "q"), ({"ckeys": ck[:, :, :8]}, "ckeys"), ({"ctx": ctx.float()}, "ctx"),
+        ({"nc": nc + 5}, "nc"), ({"n_blocks": -1}, "n_blocks"), ({"k": 0}, "k"), ({"k_q_eff": 9}, "k_q_eff"),
+        ({"block_size": 40}, "block_size"), ({"agnostic": agn[:, :3]}, "agnostic"), ({"launches": 3}, "launches"),
+        ({"bn": 48}, "bn"), ({"tiles": 0}, "tiles"), ({"num_warps": 3}, "num_warps"), ({"radix": 3}, "radix"),
+        ({"out_ids": torch.empty(3, 8, dtype=torch.int32)}, "out_ids"),
+        ({"out_scores": torch.empty(3, 6)}, "out_scores"),
+    ]
+    for change, field in bad:
+        args = {"ckeys": ck, "nc": nc, "q": q, "ctx": ctx, "n_blocks": 7, **base, **change}
+        with pytest.raises(ValueError, match=f"select_fused: {field}"):
+            select_kernels.select_fused(**args)
+
+
+@pytest.mark.gpu
+def test_fused_large_default_knobs():
+    """llama3-8b's shape (group 4, head dim 128, bf16) at 16K context with rows at different contexts: default
+    knobs, both launch counts; and the scores' bits against the three launches, reported in the assertion text."""
+    g = torch.Generator().manual_seed(9)
+    R, G, D, T = 512, 4, 128, 16384 + 128
+    nb = (T - 1) // BS + 1
+    ctx = torch.randint(T // 2, T + 1, (R,), generator=g)
+    ctx[:4] = torch.tensor([0, 64 * 100, 64 * 100 + 1, T])
+    ck, nc, q, ctx, agn = _fused_inputs(g, R, G, D, T, nb, torch.bfloat16, "cuda", ctx=ctx)
+    for launches in (1, 2):
+        _check_fused(ck, nc, q, ctx, nb, 64, 33, agn, exact_scores=False, launches=launches)
+        _check_fused(ck, nc, q, ctx, nb, 64, None, agn, exact_scores=False, launches=launches)
+
+
+@pytest.mark.gpu
+def test_fused_replays_in_a_cuda_graph():
+    """No host sync: both launch counts capture, replays follow new contents of the captured inputs, and the
+    one-launch path's counters re-arm between replays (a stale counter would skip a row's selection)."""
+    g = torch.Generator().manual_seed(6)
+    R, G, D, T, nb, k, k_q = 256, 4, 128, 4200, 66, 24, 17
+    ck, nc, q, ctx, agn = _fused_inputs(g, R, G, D, T, nb, torch.bfloat16, "cuda")
+
+    def step():
+        return [_fused(ck, nc, q, ctx, nb, k, k_q, agn, launches=n) for n in (1, 2)]
+
+    step()  # compile and allocate the counters outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    for _ in range(4):
+        q.copy_(torch.randn(R, G, D, generator=g).to(torch.bfloat16))
+        ctx.copy_(torch.randint(1, T + 1, (R,), generator=g))
+        agn.copy_(torch.rand(R, nb, generator=g))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = select_kernels.qaware_scores_triton(ck, nc, q, ctx, nb, stride=STRIDE, block_size=BS)
+        ids_ref = select_blocks_gpu(ref, ctx, k=k, k_q=k_q, sink=1, window=4, agnostic=agn, use_triton=False)
+        for ids, sc in outs:
+            torch.testing.assert_close(sc, ref, rtol=1e-5, atol=1e-7)
+            ids_sc = select_blocks_gpu(sc, ctx, k=k, k_q=k_q, sink=1, window=4, agnostic=agn, use_triton=False)
+            assert torch.equal(ids, ids_sc)
+            assert (ids == ids_ref).all(1).float().mean() > 0.95  # near-ties may flip under fp32 rounding only
+    assert not select_kernels._counters(torch.device("cuda"), R)[:R].any()

@@ -60,11 +60,12 @@ def _run(args) -> int:
         first = results[0][1].config
         print(f"{trace.header.provenance.get('source', '') or 'trace'}: {trace.steps} steps, {trace.seqs} seqs; "
               f"profile {first['profile']}, model {first['model']}")
-        print(f"{'variant':<10}{'batch':>6}{'tokens/s':>11}{'step ms':>9}{'hit rate':>9}{'transfer':>9}"
-              f"{'H2D MiB':>9}{'GPU mem':>11}  note")
+        print(f"{'variant':<10}{'batch':>6}{'tokens/s':>11}{'step ms':>9}{'floor ms':>9}{'x floor':>8}"
+              f"{'hit rate':>9}{'transfer':>9}{'H2D MiB':>9}{'GPU mem':>11}  note")
         for v, p, n in results:
             hr = "-" if p.hit_rate is None else f"{p.hit_rate:.3f}"
-            print(f"{v:<10}{p.config['batch']:>6}{p.tokens_per_s:>11.1f}{p.step_time_s * 1e3:>9.2f}{hr:>9}"
+            print(f"{v:<10}{p.config['batch']:>6}{p.tokens_per_s:>11.1f}{p.step_time_s * 1e3:>9.2f}"
+                  f"{p.floor_s * 1e3:>9.2f}{p.x_floor:>8.2f}{hr:>9}"
                   f"{100 * p.transfer_share:>8.1f}%{p.h2d_bytes_per_step / 2**20:>9.1f}{gib(p.gpu_memory_bytes):>11}"
                   f"  {n}")
         nosa, inf = results[2][1], results[1][1]

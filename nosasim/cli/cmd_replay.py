@@ -20,6 +20,13 @@ def add_config_options(parser: argparse.ArgumentParser, as_lists: tuple[str, ...
             continue
         dest = meta.get("dest", name)
         flag = "--" + dest.replace("_", "-")
+        if isinstance(default, bool):  # a switch; a sweep lists it as no,yes
+            if name in as_lists:
+                parser.add_argument(flag, dest=name, type=_list_of_bools, default=None,
+                                    help=f"{help_}; comma-separated list of no/yes (default no)")
+            else:
+                parser.add_argument(flag, dest=name, action="store_true", help=help_)
+            continue
         kind = int if name in ("batch", "k", "k_q", "capacity", "microbatches", "sink", "window") else str
         if name in as_lists:
             parser.add_argument(flag, dest=name, type=_list_of(kind, meta.get("choices")), default=None,
@@ -27,6 +34,14 @@ def add_config_options(parser: argparse.ArgumentParser, as_lists: tuple[str, ...
         else:
             parser.add_argument(flag, dest=name, type=kind, default=default, choices=meta.get("choices"),
                                 help=help_ if default is None else f"{help_} (default {default})")
+
+
+def _list_of_bools(text: str) -> list[bool]:
+    words = {"0": False, "no": False, "false": False, "1": True, "yes": True, "true": True}
+    values = [v.strip().lower() for v in text.split(",") if v.strip()]
+    if not values or any(v not in words for v in values):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of no/yes, got {text!r}")
+    return [words[v] for v in values]
 
 
 def _list_of(kind, choices):
@@ -84,6 +99,8 @@ def format_prediction(pred) -> str:
                                                  f", k={cfg['k']} k_q={cfg['k_q']} C={cfg['capacity']} "
                                                  f"policy={cfg['policy']}"),
         f"  step time (median of {pred.steps} steps)  {pred.step_time_s * 1e3:10.3f} ms",
+        f"  floor (bytes and FLOPs at peak)  {pred.floor_s * 1e3:10.3f} ms   x floor {pred.x_floor:.2f}, "
+        f"{_floor_terms(pred.floor)}",
         f"  throughput                       {pred.tokens_per_s:10.1f} tokens/s",
         f"  hit rate                         {'-' if pred.hit_rate is None else f'{pred.hit_rate:10.4f}':>10}",
         f"  H2D per step                     {pred.h2d_bytes_per_step / 2**20:10.2f} MiB",
@@ -93,6 +110,13 @@ def format_prediction(pred) -> str:
     for name, sec in pred.breakdown.items():
         lines.append(f"    {name:<12} {sec * 1e3:10.3f} ms  {100 * sec / pred.step_time_s:5.1f}%")
     return "\n".join(lines)
+
+
+def _floor_terms(f: dict) -> str:
+    """The floor's terms in words: which one sets it, and how device and link combine."""
+    how = "max(device, link): transfers overlap compute" if f["overlapped"] else "device + link: transfers serialise"
+    return (f"{f['bound']}-bound; HBM {f['hbm_bytes'] / 2**30:.2f} GiB {f['hbm_s'] * 1e3:.2f} ms, FLOPs "
+            f"{f['flop_s'] * 1e3:.2f} ms, link {f['link_s'] * 1e3:.2f} ms; {how}")
 
 
 def _run(args) -> int:

@@ -10,7 +10,7 @@ from pathlib import Path
 from nosasim.cli.cmd_replay import add_config_options, config_from_args, default_trace
 from nosasim.models import config_fields
 
-LISTED = ("variant", "k", "k_q", "capacity", "policy", "batch", "microbatches")
+LISTED = ("variant", "k", "k_q", "capacity", "policy", "batch", "microbatches", "split_attention", "kv_dtype")
 
 
 def _run(args) -> int:
@@ -31,7 +31,8 @@ def _run(args) -> int:
     # The base config holds the unlisted fields; listed ones get a valid placeholder (their first value, or None
     # for budgets, which expand() fills per point).
     defaults = {name: default for name, default, *_ in config_fields()}
-    base = config_from_args(args, **{f: (grid[f][0] if f in ("variant", "policy", "batch", "microbatches") else None)
+    base = config_from_args(args, **{f: (grid[f][0] if f in ("variant", "policy", "batch", "microbatches",
+                                                             "split_attention", "kv_dtype") else None)
                                      if f in grid else defaults[f] for f in LISTED})
     head = read_trace(path, 0, 1)  # budgets default to the trace's; one step is enough to read them
     resolved, _, _ = resolve(head, dataclasses.replace(base, variant="nosa" if base.variant == "dense" else base.variant))
@@ -63,7 +64,8 @@ def _run(args) -> int:
           f"skipped, {summary['fitting']} fit); Pareto front:")
     for r in front:
         print(f"  {r['variant']:<8} k={r['k']} k_q={r['k_q']} C={r['capacity']} {r['policy']:<6} batch={r['batch']:<4}"
-              f" mb={r['microbatches']}  {r['tokens_per_s']:10.1f} tok/s  {r['gpu_memory_bytes'] / 2**30:7.2f} GiB")
+              f" mb={r['microbatches']}  {r['tokens_per_s']:10.1f} tok/s  {r['gpu_memory_bytes'] / 2**30:7.2f} GiB"
+              f"  x floor {r['x_floor']:.2f}")
     print(f"wrote {out}/points.csv, pareto.csv, summary.json, sweep.png")
     return 0
 

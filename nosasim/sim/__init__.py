@@ -17,6 +17,7 @@ import numpy as np
 from nosasim.batch import BatchPlan, per_layer_seq, per_microbatch, plan_batch
 from nosasim.contract import Budget, default_capacity, microbatch_groups
 from nosasim.cost import CostModel, class_totals
+from nosasim.floor import step_floor
 from nosasim.hardware import Profile, load_profile
 from nosasim.memory import check_fits, footprint, host_kv_bytes, max_batch
 from nosasim.models import ModelSpec, ReplayConfig, load_model, presets
@@ -84,15 +85,24 @@ def run_cache(trace, cfg: ReplayConfig):
 
 
 def build_inputs(cost: CostModel, context: np.ndarray, misses: np.ndarray, writebacks: np.ndarray,
-                 microbatches: int) -> StepInputs:
-    """Op seconds for every step: ``context`` [T, B] tokens per sequence, ``misses``/``writebacks`` [T, L, B]
-    blocks per layer and sequence (already summed over the target's KV heads)."""
+                 microbatches: int, hits: np.ndarray | None = None) -> StepInputs:
+    """Op seconds for every step: ``context`` [T, B] tokens per sequence, ``misses``/``writebacks``/``hits``
+    [T, L, B] blocks per layer and sequence (already summed over the target's KV heads; ``hits`` is needed only
+    when attention is split around the gather)."""
     steps, batch = context.shape
     groups = microbatch_groups(batch, microbatches)
     pre_cls, post_cls = [], []
     step_pre_ops, step_post_ops = [], []
-    for g in groups:
+    split = cost.cfg.split_attention
+    early, late = [], []
+    for j, g in enumerate(groups):
         ops_pre, ops_post = cost.layer_ops(len(g), context[:, g.start:g.stop].sum(axis=1))
+        if split:  # attention moves out of "post", split around the gather per layer
+            ops_post = [op for op in ops_post if op.cls != "attention"]
+            e, lt = cost.attention_split(len(g), per_microbatch(hits, groups)[..., j],
+                                         per_microbatch(misses, groups)[..., j])
+            early.append(e)
+            late.append(lt)
         pre_cls.append(class_totals(ops_pre, steps))
         post_cls.append(class_totals(ops_post, steps))
         emb, head = cost.step_ops(len(g), steps)
@@ -107,6 +117,7 @@ def build_inputs(cost: CostModel, context: np.ndarray, misses: np.ndarray, write
         gather=cost.gather_time(per_microbatch(misses, groups)),
         writeback=cost.writeback_time(per_microbatch(writebacks, groups)),
         overlap_slowdown=cost.p.overlap_slowdown,
+        early=np.stack(early, axis=-1) if split else None, late=np.stack(late, axis=-1) if split else None,
     )
 
 
@@ -127,16 +138,29 @@ class Prediction:
     steps: int
     method: str
     config: dict = field(default_factory=dict)
+    floor: dict = field(default_factory=dict)
     step_times: np.ndarray | None = field(default=None, repr=False)
+    floor_steps: object = field(default=None, repr=False)
 
     @property
     def transfer_share(self) -> float:
         """Share of the step spent stalled on transfers (exposed PCIe time)."""
         return (self.breakdown["h2d_wait"] + self.breakdown["d2h_wait"]) / self.step_time_s
 
+    @property
+    def floor_s(self) -> float:
+        """The step's floor (``nosasim.floor``): bytes and FLOPs at the hardware's peaks, the median over steps."""
+        return self.floor["floor_s"]
+
+    @property
+    def x_floor(self) -> float:
+        """Predicted step time over its floor: how far this runtime is from what the hardware allows."""
+        return self.step_time_s / self.floor_s
+
     def to_json(self) -> dict:
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "step_times"}
-        out["transfer_share"] = self.transfer_share
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if f.name not in ("step_times", "floor_steps")}
+        out.update(transfer_share=self.transfer_share, floor_s=self.floor_s, x_floor=self.x_floor)
         return out
 
 
@@ -161,11 +185,17 @@ def predict(trace, cfg: ReplayConfig, *, method: str = "analytic", cache_result=
         res = cache_result if cache_result is not None else run_cache(trace, cfg)
         misses = plan.take(per_layer_seq(res.misses, model.layers, model.kv_heads))
         writebacks = plan.take(per_layer_seq(res.writebacks, model.layers, model.kv_heads))
-        hits = int(plan.take(per_layer_seq(res.hits, model.layers, model.kv_heads)).sum())
+        hits_lb = plan.take(per_layer_seq(res.hits, model.layers, model.kv_heads))
+        hits = int(hits_lb.sum())
         hit_rate = hits / (hits + int(misses.sum())) if hits + misses.sum() else None
+        attended = hits_lb + misses
     else:
         misses = writebacks = zeros
-    inputs = build_inputs(cost, context, misses, writebacks, cfg.microbatches)
+        # Dense attends every complete block of every KV head (the tail is counted by the floor itself).
+        attended = np.broadcast_to(((context - 1) // trace.block_size * model.kv_heads)[:, None, :], zeros.shape)
+    floor = step_floor(profile, model, cfg, context, attended, misses, writebacks, trace.block_size)
+    inputs = build_inputs(cost, context, misses, writebacks, cfg.microbatches,
+                          hits=hits_lb if cfg.offloaded else None)
     if method == "des":
         from nosasim.sim.des import simulate
     else:
@@ -181,5 +211,6 @@ def predict(trace, cfg: ReplayConfig, *, method: str = "analytic", cache_result=
         max_batch=max_batch(profile, model, cfg, ctx_max, trace.block_size),
         host_kv_bytes=float(host_kv_bytes(model, cfg.batch, ctx_max, cfg.block(model, trace.block_size)))
         if cfg.offloaded else 0.0,
-        steps=plan.steps, method=method, config=dataclasses.asdict(cfg), step_times=result.step_s,
+        steps=plan.steps, method=method, config=dataclasses.asdict(cfg),
+        floor=floor.at(np.arange(plan.steps)), step_times=result.step_s, floor_steps=floor,
     )

@@ -35,9 +35,11 @@ def simulate(inp: StepInputs) -> SimResult:
             w = inp.writeback[:, layer, mb]
             d2h_free = np.where(w > 0, np.maximum(t, d2h_free) + w, d2h_free)
         else:
+            early, late = inp.split_at(layer, mb)
+            t = compute_end(t, early, h2d_free, slow)  # attention over the resident blocks, before the wait
             wait = np.maximum(landed.pop((layer, mb)) - t, 0.0)
             stall += wait
-            t = compute_end(t + wait, inp.post[:, mb], h2d_free, slow)
+            t = compute_end(t + wait, inp.post[:, mb] + late, h2d_free, slow)
     if landed:
         raise RuntimeError(f"gathers {sorted(landed)} were never consumed by the program: a bug")
     t = compute_end(t, inp.step_post, h2d_free, slow)

@@ -32,6 +32,9 @@ def simulate(inp: StepInputs) -> SimResult:
     order = program(inp.layers, inp.microbatches)
     # Python floats: indexing numpy scalars in the event loop would dominate the run time.
     pre, post = inp.pre.tolist(), inp.post.tolist()
+    split = inp.early is not None
+    early = inp.early.tolist() if split else None
+    late = inp.late.tolist() if split else None
     gather, writeback = inp.gather.tolist(), inp.writeback.tolist()
     step_pre, step_post = inp.step_pre.tolist(), inp.step_post.tolist()
     step_s = np.zeros(steps)
@@ -68,13 +71,19 @@ def simulate(inp: StepInputs) -> SimResult:
                     if w > 0:
                         copies.append(env.process(_copy(env, d2h, w)))
                 else:
+                    if split:  # attention over the resident blocks runs before the wait
+                        e = early[s][layer][mb]
+                        dur = stretch(e)
+                        extra += dur - e
+                        yield env.timeout(dur)
                     landed = pending.pop((layer, mb), None)
                     if landed is not None and not landed.processed:
                         t0 = env.now
                         yield landed
                         waited += env.now - t0
-                    dur = stretch(post[s][mb])
-                    extra += dur - post[s][mb]
+                    rest = post[s][mb] + (late[s][layer][mb] if split else 0.0)
+                    dur = stretch(rest)
+                    extra += dur - rest
                     yield env.timeout(dur)
             if pending:
                 raise RuntimeError(f"gathers {sorted(pending)} were never awaited: a bug")

@@ -27,6 +27,9 @@ class StepInputs:
     step_pre, step_post: [steps] embedding before the layers, final norm + LM head after (all micro-batches).
     step_cls: [steps, classes]. gather, writeback: [steps, layers, m] copy seconds (0 = no copy issued).
     overlap_slowdown: compute runs ``1 + overlap_slowdown`` times slower while a gather is in flight (the profile's).
+    early, late: [steps, layers, m] attention seconds of a post phase split around its gather (``split_attention``:
+    the resident blocks are attended before the gather is waited for, the copied ones after); None when attention
+    is not split (it is then part of ``post``). Both count as the ``attention`` class.
     """
 
     pre: np.ndarray
@@ -39,6 +42,8 @@ class StepInputs:
     gather: np.ndarray
     writeback: np.ndarray
     overlap_slowdown: float = 0.0
+    early: np.ndarray | None = None
+    late: np.ndarray | None = None
 
     def __post_init__(self):
         steps, m = self.pre.shape
@@ -50,6 +55,16 @@ class StepInputs:
                 raise RuntimeError(f"StepInputs.{name} has shape {getattr(self, name).shape}, expected {shape}: a bug")
         if self.gather.ndim != 3 or self.gather.shape[0] != steps or self.gather.shape[2] != m:
             raise RuntimeError(f"StepInputs.gather has shape {self.gather.shape}, expected (steps, layers, {m}): a bug")
+        if (self.early is None) != (self.late is None) or (self.early is not None and not (
+                self.early.shape == self.late.shape == self.gather.shape)):
+            raise RuntimeError("StepInputs.early and late must both be None or both [steps, layers, m]: a bug")
+
+    def split_at(self, layer: int, mb: int) -> tuple:
+        """(seconds before the wait, seconds after it) of the post phase's attention of ``layer``: ``(0, 0)`` when
+        attention is not split (it is inside ``post``)."""
+        if self.early is None:
+            return 0.0, 0.0
+        return self.early[:, layer, mb], self.late[:, layer, mb]
 
     @property
     def layers(self) -> int:
@@ -61,7 +76,10 @@ class StepInputs:
 
     def compute_breakdown(self) -> np.ndarray:
         """Compute-stream seconds per class, [steps, classes] (stalls excluded)."""
-        return self.step_cls + self.layers * (self.pre_cls.sum(axis=1) + self.post_cls.sum(axis=1))
+        out = self.step_cls + self.layers * (self.pre_cls.sum(axis=1) + self.post_cls.sum(axis=1))
+        if self.early is not None:
+            out[:, CLASSES.index("attention")] += (self.early + self.late).sum(axis=(1, 2))
+        return out
 
 
 def compute_end(t, d, busy_until, slowdown: float):
