@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from runtime.gather import copy_chunks
+from runtime.gather import RUNTIME_BLOCK, copy_chunks, copy_chunks_lists
 from runtime.timing import environment, time_cuda, write_json
 
 CHUNKS = (8192, 16384, 32768)
@@ -54,14 +54,15 @@ def sweep(host_bytes: int = 4 << 30, dev="cuda", variants=VARIANTS, chunks=CHUNK
                 sets = [torch.randperm(n_host, generator=g, device=dev)[:n] for _ in range(4)]
             dst = torch.arange(n, device=dev)
             ids = sets[0].clone()
-            for split, warps in variants:
-                if cb // 4 // split < 256:
+            for split, warps in ((0, 4),) + tuple(variants):  # split 0: the runtime's kernel (blocks of entries)
+                if split and cb // 4 // split < 256:
                     continue
                 for direction in directions:
-                    if direction == "h2d":
-                        fn = lambda: copy_chunks(host, dev_buf, ids, dst, cb, split=split, num_warps=warps)  # noqa: E731
+                    pair = (host, dev_buf, ids, dst) if direction == "h2d" else (dev_buf, host, dst, ids)
+                    if split == 0:
+                        fn = lambda: copy_chunks_lists([pair], cb, block=RUNTIME_BLOCK)  # noqa: E731
                     else:
-                        fn = lambda: copy_chunks(dev_buf, host, dst, ids, cb, split=split, num_warps=warps)  # noqa: E731
+                        fn = lambda: copy_chunks(*pair, cb, split=split, num_warps=warps)  # noqa: E731
                     fn()
                     torch.cuda.synchronize()
                     graph = torch.cuda.CUDAGraph()
@@ -71,6 +72,7 @@ def sweep(host_bytes: int = 4 << 30, dev="cuda", variants=VARIANTS, chunks=CHUNK
                                   setup=lambda i: ids.copy_(sets[i % len(sets)]))
                     rows.append({"direction": direction, "chunk_bytes": cb, "count": n, "split": split,
                                  "num_warps": warps, "seconds": t, "Bps": n * cb / t, "sequential": sequential,
+                                 "kernel": f"lists-block{RUNTIME_BLOCK}" if split == 0 else "copy_chunks",
                                  "timing": "cuda graph replay"})
         del dev_buf
     return rows
@@ -116,10 +118,13 @@ def in_stream(host_bytes: int = 4 << 30, dev="cuda", chunks=CHUNKS, count: int =
     return rows
 
 
-def summarize(rows: list[dict], peaks: dict) -> list[dict]:
-    """Best variant per (direction, chunk, count) and its share of the same run's memcpy peak."""
+def summarize(rows: list[dict], peaks: dict, kernel: str | None = None) -> list[dict]:
+    """Best variant per (direction, chunk, count) and its share of the same run's memcpy peak; ``kernel``: among
+    that kernel's rows only (the profile's link tables are the kernel the runtime launches)."""
     best = {}
     for r in rows:
+        if kernel is not None and r.get("kernel") != kernel:
+            continue
         key = (r["direction"], r["chunk_bytes"], r["count"])
         if key not in best or r["seconds"] < best[key]["seconds"]:
             best[key] = r
@@ -136,7 +141,8 @@ def run(out_path: str | None = None, experiments: bool = True) -> dict:
     faster, and huge pages no faster either.)"""
     peaks = memcpy_peaks()
     rows = sweep()
-    res = {"env": environment(), "peaks": peaks, "best": summarize(rows, peaks), "all": rows}
+    res = {"env": environment(), "peaks": peaks, "best": summarize(rows, peaks, f"lists-block{RUNTIME_BLOCK}"),
+           "best_copy_chunks": summarize(rows, peaks, "copy_chunks"), "all": rows}
     if experiments:
         exp = {}
         seq = sweep(sequential=True, variants=((1, 4), (1, 8)), directions=("h2d",))

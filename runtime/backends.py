@@ -257,10 +257,10 @@ class OffloadBackend(_Base):
                 self.copy_stream.wait_stream(torch.cuda.current_stream(self.device))
                 done = torch.cuda.Event()
                 with torch.cuda.stream(self.copy_stream):
-                    copy_chunks_lists(lists, self.chunk, programs=cfg.gather_programs)
+                    copy_chunks_lists(lists, self.chunk, programs=cfg.gather_programs, block=cfg.gather_block)
                     done.record(self.copy_stream)
             else:
-                copy_chunks_lists(lists, self.chunk, programs=cfg.gather_programs)
+                copy_chunks_lists(lists, self.chunk, programs=cfg.gather_programs, block=cfg.gather_block)
         # The index lists stay alive in ``pending`` until ``finish`` has waited for the copies that read them.
         self.pending[rows.start] = (qr, sel, plan, cp, done)
 

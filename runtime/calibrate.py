@@ -18,6 +18,12 @@ from nosasim.models import ModelSpec, load_model
 from .timing import environment, hbm_copy_peak, time_cuda, time_graph
 
 DEFAULT_MODEL = "llama3-8b"
+DEVICE = "cuda"  # the phase benchmarks' device (a CPU smoke test runs them there, untimed)
+
+
+def _empty_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def gemm_shapes(shape: ModelSpec) -> dict[str, tuple[int, int]]:
@@ -102,12 +108,12 @@ def sparse_attention(shape: ModelSpec, batches=(1, 8, 16, 32, 64, 96, 128, 256),
     G = q_heads // kv_heads
     for B in batches:
         R = B * kv_heads
-        pool = torch.randn(R, max(ks) + 1, 2, 64, d, device="cuda", dtype=torch.bfloat16)
-        q = torch.randn(R, G, d, device="cuda", dtype=torch.bfloat16)
+        pool = torch.randn(R, max(ks) + 1, 2, 64, d, device=DEVICE, dtype=torch.bfloat16)
+        q = torch.randn(R, G, d, device=DEVICE, dtype=torch.bfloat16)
         for k in ks:
-            slots = torch.arange(k - 1, device="cuda").expand(R, k - 1).contiguous()
-            tail = torch.full((R,), k - 1, device="cuda", dtype=torch.int64)
-            plan = EntryPlan(slots, slots, tail, tail, torch.full((R,), 64, device="cuda", dtype=torch.int64))
+            slots = torch.arange(k - 1, device=DEVICE).expand(R, k - 1).contiguous()
+            tail = torch.full((R,), k - 1, device=DEVICE, dtype=torch.int64)
+            plan = EntryPlan(slots, slots, tail, tail, torch.full((R,), 64, device=DEVICE, dtype=torch.int64))
             out.append({"batch": B, "q_heads": q_heads, "kv_heads": kv_heads, "head_dim": d, "k_blocks": k,
                         "seconds": time_graph(lambda: decode_attention(q, pool, plan))})
         del pool
@@ -120,7 +126,7 @@ DENSE_POINTS = ((1, 4096), (8, 8192), (16, 8192), (32, 8192), (8, 16384), (16, 1
 
 def _inv_freq(shape: ModelSpec, theta: float = 500000.0) -> torch.Tensor:
     d = shape.head_dim
-    return 1.0 / theta ** (torch.arange(0, d, 2, device="cuda", dtype=torch.float32) / d)
+    return 1.0 / theta ** (torch.arange(0, d, 2, device=DEVICE, dtype=torch.float32) / d)
 
 
 def dense_attention(shape: ModelSpec, points=DENSE_POINTS) -> list[dict]:
@@ -137,17 +143,17 @@ def dense_attention(shape: ModelSpec, points=DENSE_POINTS) -> list[dict]:
     out = []
     for B, ctx in points:
         try:
-            be = DenseBackend(RuntimeConfig(one, "dense", batch=B, context=ctx, steps=4), "cuda")
+            be = DenseBackend(RuntimeConfig(one, "dense", batch=B, context=ctx, steps=4), DEVICE)
         except torch.OutOfMemoryError:
             continue
         be.begin_step()
-        q = torch.randn(be.R, one.group, one.head_dim, device="cuda", dtype=torch.bfloat16)
-        k, v = (torch.randn(be.R, one.head_dim, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        q = torch.randn(be.R, one.group, one.head_dim, device=DEVICE, dtype=torch.bfloat16)
+        k, v = (torch.randn(be.R, one.head_dim, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
         out.append({"batch": B, "q_heads": one.q_heads, "kv_heads": one.kv_heads, "head_dim": one.head_dim,
                     "context": ctx,
                     "seconds": time_graph(lambda: be.attend(0, q, k, v, None, inv_freq=inv_freq), inner=4)})
         del be
-        torch.cuda.empty_cache()
+        _empty_cache()
     return out
 
 
@@ -157,12 +163,12 @@ def layer_glue(shape: ModelSpec, batches=(1, 8, 16, 32, 64, 96, 128, 256)) -> li
     from .token_kernels import rms_norm, silu_mul
 
     s = shape
-    w = torch.ones(s.hidden, device="cuda", dtype=torch.bfloat16)
+    w = torch.ones(s.hidden, device=DEVICE, dtype=torch.bfloat16)
     out = []
     for B in batches:
-        x = torch.randn(B, s.hidden, device="cuda", dtype=torch.bfloat16)
-        o = torch.randn(B, s.hidden, device="cuda", dtype=torch.bfloat16)
-        gu = torch.randn(B, 2 * s.intermediate, device="cuda", dtype=torch.bfloat16)
+        x = torch.randn(B, s.hidden, device=DEVICE, dtype=torch.bfloat16)
+        o = torch.randn(B, s.hidden, device=DEVICE, dtype=torch.bfloat16)
+        gu = torch.randn(B, 2 * s.intermediate, device=DEVICE, dtype=torch.bfloat16)
 
         def glue():
             rms_norm(x, w, residual=o)
@@ -175,10 +181,10 @@ def layer_glue(shape: ModelSpec, batches=(1, 8, 16, 32, 64, 96, 128, 256)) -> li
 
 
 PHASE_POINTS = tuple((b, c) for b in (8, 16, 32, 64, 128) for c in (8192, 16384, 32768)) + \
-    tuple((b, c) for b in (8, 32, 128) for c in (65536, 131072))
+    tuple((b, c) for b in (8, 32, 128) for c in (65536, 131072)) + ((192, 65536),)
 
 
-def offload_phases(shape: ModelSpec, points=PHASE_POINTS, variant: str = "nosa") -> list[dict]:
+def offload_phases(shape: ModelSpec, points=PHASE_POINTS, variant: str = "nosa", budget: Budget | None = None) -> list[dict]:
     """Per-layer cost of the offloaded path's own work, each phase alone in a CUDA graph (one layer of the shape):
     the selection phase (the scoring state's share of the token kernel, measured as the token kernel with the
     state less the token kernel without it, plus the fused selection), the block-table phase (table update and
@@ -198,23 +204,23 @@ def offload_phases(shape: ModelSpec, points=PHASE_POINTS, variant: str = "nosa")
     from .token_kernels import TokenBuffers, token_step
 
     one = replace(shape, layers=1, vocab=16)
-    lw = Weights.random(one, torch.bfloat16, "cuda", 0).layers[0]
+    lw = Weights.random(one, torch.bfloat16, DEVICE, 0).layers[0]
     inv_freq = _inv_freq(one)
     out = []
     for B, ctx in points:
-        cfg = RuntimeConfig(one, variant, batch=B, context=ctx, steps=8, budget=Budget.for_variant(variant, 64),
-                            host_seqs=min(B, 4))
+        cfg = RuntimeConfig(one, variant, batch=B, context=ctx, steps=8,
+                            budget=budget or Budget.for_variant(variant, 64), host_seqs=min(B, 4))
         try:
-            host = HostStore.allocate(cfg, pin=True)
-            host.fill_random(0, "cuda")
-            be = OffloadBackend(cfg, "cuda", host)
+            host = HostStore.allocate(cfg, pin=DEVICE == "cuda")
+            host.fill_random(0, DEVICE)
+            be = OffloadBackend(cfg, DEVICE, host)
         except (torch.OutOfMemoryError, ValueError):
             continue
         be.prefill(None, exact=False)
         be.begin_step()
         H, G, D = one.kv_heads, one.group, one.head_dim
-        q = torch.randn(B, one.q_heads * D, device="cuda", dtype=torch.bfloat16)
-        k, v = (torch.randn(B, H * D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        q = torch.randn(B, one.q_heads * D, device=DEVICE, dtype=torch.bfloat16)
+        k, v = (torch.randn(B, H * D, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
         nosa = {"evict_w": lw.evict_w, "evict_a": lw.evict_a, "tail_done": be.tail_done,
                 "old_tail": be.old_tail} if be.scores.cis is not None else {}
         full = TokenBuffers.from_scores(be.scores, 0, be.pos, pool=be.pool[0], dst_slot=be.tail_slot,
@@ -240,7 +246,7 @@ def offload_phases(shape: ModelSpec, points=PHASE_POINTS, variant: str = "nosa")
                  "attend_all_hits_s": time_graph(lambda: be.attend(0, q, k, v, lw, inv_freq=inv_freq), inner=4)}
         out.append(entry)
         del be, host
-        torch.cuda.empty_cache()
+        _empty_cache()
     return out
 
 
@@ -292,7 +298,8 @@ def overlap_slowdown(overlap: dict, copy: str = OVERLAP_COPY) -> float:
     return min(max(0.0, s), 9.0)
 
 
-def build_profile(name: str, cal: dict, gather: dict, overlap: dict | None = None) -> dict:
+def build_profile(name: str, cal: dict, gather: dict, overlap: dict | None = None,
+                  total_memory: float | None = None) -> dict:
     """Assemble the profile dict from calibration results ``cal``, the gather benchmark ``gather`` and, when given,
     the overlap benchmark ``overlap`` (``overlap_slowdown``; without it the simulator assumes none)."""
     env = environment()
@@ -300,7 +307,7 @@ def build_profile(name: str, cal: dict, gather: dict, overlap: dict | None = Non
     h2d, h2d_tab = _link(tables["h2d"], gather["peaks"]["h2d_memcpy_1GiB_Bps"])
     d2h, d2h_tab = _link(tables["d2h"], gather["peaks"]["d2h_memcpy_1GiB_Bps"])
     c = cal["ceilings"]
-    total = torch.cuda.get_device_properties(0).total_memory
+    total = torch.cuda.get_device_properties(0).total_memory if total_memory is None else total_memory
     prof = {
         "schema": "nosasim-profile/1", "name": name,
         "device": f"{env.get('device')} (driver {env.get('driver')}, CUDA {env.get('cuda')})",

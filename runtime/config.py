@@ -51,6 +51,7 @@ class RuntimeConfig:
     host_seqs: int | None = None
     microbatches: int = 1
     gather_programs: int = 0
+    gather_block: int = 32
     split_attention: bool = False
     kv_dtype: str | None = None
 
@@ -74,6 +75,10 @@ class RuntimeConfig:
             raise ValueError(f"RuntimeConfig.policy 'static' ranks blocks by NOSA's eviction score: it needs variant "
                              f"nosa (or trace, with the trace's scores), got {self.variant!r}")
         count("RuntimeConfig.gather_programs", self.gather_programs, 0)
+        count("RuntimeConfig.gather_block", self.gather_block, 0)
+        if self.gather_block & (self.gather_block - 1):
+            raise ValueError(f"RuntimeConfig.gather_block must be 0 (a program per entry) or a power of two, got "
+                             f"{self.gather_block}")
         count("RuntimeConfig.microbatches", self.microbatches, 1)
         if self.microbatches > self.batch:
             raise ValueError(f"RuntimeConfig.microbatches must lie in [1, batch={self.batch}], got {self.microbatches}")

@@ -70,7 +70,7 @@ def main(argv=None) -> int:
             elif stage == "gather":
                 sys.path.insert(0, os.getcwd())
                 from benchmarks import bench_gather
-                gather = bench_gather.run(os.path.join(a.out, "gather.json"))
+                gather = bench_gather.run(os.path.join(a.out, "gather.json"), experiments=False)
                 lines.append(bench_gather.table(gather))
             elif stage == "decode":
                 from benchmarks import bench_decode
@@ -108,6 +108,23 @@ def main(argv=None) -> int:
                 pick = [c for c in e2e.CONFIGS if not pats or any(fnmatchcase(c.name, p) for p in pats)]
                 res = e2e.run(os.path.join(a.out, "e2e.json"), budget_s=max(30, left() - 30), configs=pick)
                 lines.append(e2e.table(res))
+            elif stage.startswith("profile:"):  # kernel-by-kernel GPU time of e2e configurations' steps
+                from . import e2e
+                from .model import Weights
+                import torch
+                names = stage.split(":", 1)[1].split("+")
+                w = Weights.random(e2e.PRESETS["llama3-8b"], torch.bfloat16, "cuda", 0)
+                stores, traces, profs = {}, {}, []
+                for c in e2e.CONFIGS:
+                    if c.name in names:
+                        profs.append(e2e.profile_config(c, w, stores, traces))
+                        p = profs[-1]
+                        lines.append(f"profile {p['name']}: {p['total_us_per_step'] / 1e3:.2f} ms of kernels, "
+                                     f"{p['launches_per_step']:.0f} launches per step; top:")
+                        lines += [f"  {k['us_per_step'] / 1e3:7.3f} ms {k['calls_per_step']:6.0f}x {k['kernel'][:90]}"
+                                  for k in p["kernels"][:14]]
+                write_json(os.path.join(a.out, "profile.json"), {"env": environment(), "profiles": profs})
+                del w, stores
             elif stage == "peer":
                 from .peer import transformers_generate
                 b, c = (int(x) for x in a.peer.split(","))

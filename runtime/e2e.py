@@ -118,18 +118,16 @@ CONFIGS = VALIDATION + FLOOR + EQUAL
 def host_store(cfg: RuntimeConfig, stores: dict) -> HostStore:
     """One pinned store per (longest context, KV dtype) class, reused by every configuration that fits it: pinning
     tens of GiB takes seconds, so it is not redone per configuration. Sequences share host rows (``b % rows``)."""
-    per_seq = RuntimeConfig(cfg.shape, cfg.variant, batch=1, context=cfg.context, steps=cfg.steps,
-                            budget=cfg.budget, kv_dtype=cfg.kv_dtype).host_bytes()
-    rows = max(1, min(4, HOST_BYTES // max(per_seq, 1)))
     key = (cfg.kv_dtype, cfg.max_tokens <= 40000)
     have = stores.get(key)
     if have is None or have.kv.shape[3] < cfg.n_blocks:
-        stores.pop(key, None)
+        stores.clear()  # one store at a time: pinned memory is the host's, and a long one is tens of GiB
         gc.collect()
         tokens = max(cfg.max_tokens, 40000 if key[1] else 131072 + 256)
-        size = RuntimeConfig(cfg.shape, cfg.variant, batch=rows, context=tokens - cfg.steps, steps=cfg.steps,
-                             budget=cfg.budget, kv_dtype=cfg.kv_dtype)
-        have = HostStore.allocate(size, pin=True)
+        one = RuntimeConfig(cfg.shape, cfg.variant, batch=1, context=tokens - cfg.steps, steps=cfg.steps,
+                            budget=cfg.budget, kv_dtype=cfg.kv_dtype)
+        rows = max(1, min(4, HOST_BYTES // one.host_bytes()))
+        have = HostStore.allocate(one.with_(batch=rows), pin=True)
         have.fill_random(1, "cuda")
         stores[key] = have
     return have
@@ -153,7 +151,8 @@ def load_trace_static(backend, batch_trace) -> None:
         table.static[layer, :, :nb] = src[layer % Lt][h % Ht, b].to(table.static.device)
 
 
-def run_config(cfg: E2EConfig, weights, stores: dict, traces, copies: bool = True) -> dict:
+def build_runner(cfg: E2EConfig, weights, stores: dict, traces: dict, copies: bool = True):
+    """The runner of one configuration, its assembled batch and runtime configuration: ``(runner, batch, rcfg)``."""
     trace = load_source(cfg.source, traces)
     batch_trace = replay_batch(trace, cfg)
     steps = WARMUP + 2 + TIMED + 1
@@ -174,6 +173,11 @@ def run_config(cfg: E2EConfig, weights, stores: dict, traces, copies: bool = Tru
     r = Runner(rcfg, "cuda", weights=weights, **kw)
     if cfg.policy == "static":  # trace-driven 'static' ranks by the trace's agnostic score, as the simulator does
         load_trace_static(r.backend, batch_trace)
+    return r, trace, rcfg
+
+
+def run_config(cfg: E2EConfig, weights, stores: dict, traces, copies: bool = True) -> dict:
+    r, trace, rcfg = build_runner(cfg, weights, stores, traces, copies)
     t = r.measure(steps=TIMED, warmup=WARMUP)
     out = {
         **cfg.to_fields(), "trace_sel_sha256": fingerprint(trace),
@@ -189,6 +193,35 @@ def run_config(cfg: E2EConfig, weights, stores: dict, traces, copies: bool = Tru
     gc.collect()
     torch.cuda.empty_cache()
     return out
+
+
+def profile_config(cfg: E2EConfig, weights, stores: dict, traces: dict, steps: int = 3) -> dict:
+    """GPU time per kernel of one configuration's eager decode steps (torch.profiler), per step: where a step's
+    time goes, kernel by kernel (launch gaps excluded: a replayed graph has few)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    r, _, _ = build_runner(cfg, weights, stores, traces)
+    for _ in range(2):
+        r.step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            r.step()
+        torch.cuda.synchronize()
+    kernels: dict = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            k = kernels.setdefault(ev.name, [0, 0.0])
+            k[0] += 1
+            k[1] += ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time_total
+    rows = sorted(({"kernel": n[:120], "calls_per_step": c / steps, "us_per_step": t / steps}
+                   for n, (c, t) in kernels.items()), key=lambda x: -x["us_per_step"])
+    del r
+    gc.collect()
+    torch.cuda.empty_cache()
+    return {"name": cfg.name, "steps": steps, "kernels": rows,
+            "total_us_per_step": sum(x["us_per_step"] for x in rows),
+            "launches_per_step": sum(x["calls_per_step"] for x in rows)}
 
 
 def run(out_path: str, budget_s: float = 300.0, configs=CONFIGS) -> dict:
@@ -210,7 +243,7 @@ def run(out_path: str, budget_s: float = 300.0, configs=CONFIGS) -> dict:
             res["runs"].append(r)
             print(f"{r['name']:22s} {1e3 * r['measured']['median_step_s']:8.2f} ms  "
                   f"{r['batch'] / r['measured']['median_step_s']:8.1f} tok/s", flush=True)
-        except (ValueError, torch.OutOfMemoryError) as exc:
+        except Exception as exc:  # noqa: BLE001 - one configuration's failure must not lose the others
             res["skipped"].append({"name": entry.name, "why": f"{type(exc).__name__}: {exc}"[:400]})
             gc.collect()
             torch.cuda.empty_cache()

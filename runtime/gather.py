@@ -114,6 +114,59 @@ if triton is not None:
                               s2, d2, si2, di2, e2, s3, d3, si3, di3, e3, CH, NL)
 
 
+    @triton.jit
+    def _block_indices(si, di, start, end, i, s_vec, d_vec):
+        # One list's share of an entry block: its indices where the block's entries i fall in [start, end).
+        m = (i >= start) & (i < end)
+        s_vec = tl.where(m, tl.load(si + (i - start), mask=m, other=-1).to(tl.int64), s_vec)
+        d_vec = tl.where(m, tl.load(di + (i - start), mask=m, other=-1).to(tl.int64), d_vec)
+        return s_vec, d_vec
+
+    @triton.jit
+    def _copy_lists_blocked(s0, d0, si0, di0, e0, s1, d1, si1, di1, e1, s2, d2, si2, di2, e2,
+                            s3, d3, si3, di3, e3, CH: tl.constexpr, EPB: tl.constexpr, P: tl.constexpr,
+                            ITERS: tl.constexpr, NL: tl.constexpr):
+        # P programs take blocks of EPB entries (block pid, pid + P, ...). A block's indices are read with one
+        # vector load per list, so a launch whose entries are mostly holes (-1) costs a few hundred programs
+        # and one load latency each, not a program per entry; then the block's copies run one after another.
+        offs = tl.arange(0, CH)
+        e = tl.arange(0, EPB)
+        pid = tl.program_id(0)
+        for it in range(ITERS):
+            i = (it * P + pid) * EPB + e
+            s_vec = tl.full([EPB], -1, tl.int64)
+            d_vec = tl.full([EPB], -1, tl.int64)
+            s_vec, d_vec = _block_indices(si0, di0, 0, e0, i, s_vec, d_vec)
+            lid = tl.zeros([EPB], tl.int32)
+            if NL > 1:
+                s_vec, d_vec = _block_indices(si1, di1, e0, e1, i, s_vec, d_vec)
+                lid += (i >= e0).to(tl.int32)
+            if NL > 2:
+                s_vec, d_vec = _block_indices(si2, di2, e1, e2, i, s_vec, d_vec)
+                lid += (i >= e1).to(tl.int32)
+            if NL > 3:
+                s_vec, d_vec = _block_indices(si3, di3, e2, e3, i, s_vec, d_vec)
+                lid += (i >= e2).to(tl.int32)
+            live = (s_vec >= 0) & (d_vec >= 0)
+            for j in range(EPB):
+                pick = e == j
+                if tl.sum((pick & live).to(tl.int32), axis=0) > 0:
+                    s = tl.sum(tl.where(pick, s_vec, 0), axis=0)
+                    d = tl.sum(tl.where(pick, d_vec, 0), axis=0)
+                    lj = tl.sum(tl.where(pick, lid, 0), axis=0)
+                    if lj == 0:
+                        tl.store(d0 + d * CH + offs, tl.load(s0 + s * CH + offs))
+                    if NL > 1:
+                        if lj == 1:
+                            tl.store(d1 + d * CH + offs, tl.load(s1 + s * CH + offs))
+                    if NL > 2:
+                        if lj == 2:
+                            tl.store(d2 + d * CH + offs, tl.load(s2 + s * CH + offs))
+                    if NL > 3:
+                        if lj == 3:
+                            tl.store(d3 + d * CH + offs, tl.load(s3 + s * CH + offs))
+
+
 def _as_words(t: torch.Tensor, chunk_bytes: int, name: str = "copy_chunks") -> torch.Tensor:
     """Flat 32-bit view of a contiguous buffer, so one kernel moves bf16, fp16 and fp32 alike."""
     if not t.is_contiguous():
@@ -161,6 +214,10 @@ def copy_chunks(src: torch.Tensor, dst: torch.Tensor, src_idx: torch.Tensor, dst
 
 
 MAX_LISTS = 4  # the kernels take this many lists as separate arguments
+# The runtime's launch of a layer's copies: blocks of 32 entries with vector-loaded indices. A program per entry
+# spends most of a mostly-hit launch scheduling programs that exit at once (tens of thousands per layer at large
+# batch); 32 entries a block keep hundreds of chunk reads in flight with a few hundred programs.
+RUNTIME_BLOCK = 32
 
 
 @dataclass(frozen=True)
@@ -175,7 +232,8 @@ class ChunkList:
 
 
 def copy_chunks_lists(lists: Sequence[ChunkList | tuple], chunk_bytes: int, *, split: int = 1,
-                      num_warps: int = 4, programs: int = 0, use_triton: bool | None = None) -> None:
+                      num_warps: int = 4, programs: int = 0, use_triton: bool | None = None,
+                      block: int = 0) -> None:
     """``copy_chunks`` for up to ``MAX_LISTS`` lists of chunk copies in ONE kernel launch.
 
     Each list (a ``ChunkList`` or a ``(src, dst, src_idx, dst_idx)`` tuple) has exactly ``copy_chunks``'s
@@ -232,7 +290,14 @@ def copy_chunks_lists(lists: Sequence[ChunkList | tuple], chunk_bytes: int, *, s
     # the kernels keep one signature whatever the number of lists.
     while len(args) < 5 * MAX_LISTS:
         args += [flat[0][0], flat[0][1], flat[0][2], flat[0][3], end]
-    if programs > 0:
+    if block > 0:  # blocks of entries, indices read by vector loads (see _copy_lists_blocked)
+        if block & (block - 1):
+            raise ValueError(f"{name}: block must be a power of two, got {block}")
+        nblk = -(-n // block)
+        p = min(programs, nblk) if programs > 0 else nblk
+        _copy_lists_blocked[(p,)](*args, CH=words, EPB=block, P=p, ITERS=-(-nblk // p), NL=nl,
+                                  num_warps=num_warps)
+    elif programs > 0:
         p = min(programs, n)
         _copy_lists_persistent[(p,)](*args, CH=words, P=p, ITERS=-(-n // p), NL=nl, num_warps=num_warps)
     else:

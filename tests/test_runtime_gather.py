@@ -114,20 +114,25 @@ LIST_CASES = [(8192, 1, 0, torch.bfloat16, (12, 12, 50, 20)), (16384, 2, 0, torc
               (8192, 1, 5, torch.bfloat16, (12, 12, 50, 20)), (16384, 1, 33, torch.float32, (40,)),
               (32768, 1, 1000, torch.float16, (4, 0, 25, 3)), (8192, 1, 0, torch.bfloat16, (0, 6, 0, 9)),
               (8192, 1, 3, torch.int32, (0, 0, 17))]
+LIST_CASES = [c + (0,) for c in LIST_CASES] + [
+    # Blocks of entries whose indices are read by vector loads (the runtime's default): one program per block, or
+    # persistent programs over the blocks; blocks cut across lists.
+    (32768, 1, 0, torch.bfloat16, (12, 12, 50, 20), 32), (8192, 1, 5, torch.float32, (40, 3), 8),
+    (16384, 1, 0, torch.uint8, (0, 6, 0, 9), 16), (32768, 1, 2, torch.bfloat16, (4, 0, 25, 3), 4)]
 
 
 @pytest.mark.parametrize("device,use_triton", PATHS)
-@pytest.mark.parametrize("chunk_bytes,split,programs,dtype,lens", LIST_CASES,
-                         ids=[f"{c // 1024}K-s{s}-p{p}-{str(d).split('.')[1]}-lens{'_'.join(map(str, n))}"
-                              for c, s, p, d, n in LIST_CASES])
-def test_copy_chunks_lists_equals_list_by_list(device, use_triton, chunk_bytes, split, programs, dtype, lens):
+@pytest.mark.parametrize("chunk_bytes,split,programs,dtype,lens,block", LIST_CASES,
+                         ids=[f"{c // 1024}K-s{s}-p{p}-{str(d).split('.')[1]}-lens{'_'.join(map(str, n))}-b{b}"
+                              for c, s, p, d, n, b in LIST_CASES])
+def test_copy_chunks_lists_equals_list_by_list(device, use_triton, chunk_bytes, split, programs, dtype, lens, block):
     bufs, lists = _lists_case(chunk_bytes + 7 * programs + len(lens), lens, chunk_bytes // 4, dtype, device)
     before = {k: _words_cpu(v) for k, v in bufs.items()}
     ref_bufs, ref_lists = _clone_case(bufs, lists)
     for c in ref_lists:
         copy_chunks(c.src, c.dst, c.src_idx, c.dst_idx, chunk_bytes, split=split, programs=programs,
                     use_triton=use_triton)
-    copy_chunks_lists(lists, chunk_bytes, split=split, programs=programs, use_triton=use_triton)
+    copy_chunks_lists(lists, chunk_bytes, split=split, programs=programs, use_triton=use_triton, block=block)
     if device == "cuda":
         torch.cuda.synchronize()
     words = chunk_bytes // 4
@@ -150,14 +155,14 @@ def test_copy_chunks_lists_equals_list_by_list(device, use_triton, chunk_bytes, 
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("programs", [0, 33])
-def test_copy_chunks_lists_replays_in_a_cuda_graph(programs):
+@pytest.mark.parametrize("programs,block", [(0, 0), (33, 0), (0, 32), (33, 32)])
+def test_copy_chunks_lists_replays_in_a_cuda_graph(programs, block):
     """Captured once, replayed with the index lists refilled in place: each replay equals eager list-by-list
     copies of the same lists (the launch shape depends on the lengths only)."""
     chunk_bytes, lens = 32768, (16, 16, 200, 8)
     bufs, lists = _lists_case(0, lens, chunk_bytes // 4, torch.bfloat16, "cuda")
     start = {k: v.clone() for k, v in bufs.items()}
-    fn = lambda: copy_chunks_lists(lists, chunk_bytes, programs=programs)  # noqa: E731
+    fn = lambda: copy_chunks_lists(lists, chunk_bytes, programs=programs, block=block)  # noqa: E731
     fn()  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
