@@ -91,6 +91,22 @@ _MATMUL_KINDS = ("gemm", "sparse_attention", "sparse_attention_fp8", "dense_atte
 # Tables of composite work (chains of small kernels) measured per layer by batch: no single roofline describes
 # them, so their seconds are interpolated linearly in the batch size (and extrapolated along the last segment).
 BATCH_TABLES = ("layer_glue", "attend_glue")
+# Tables measured on a (batch, context) grid whose time depends on both apart: selection pays per row (the top-k
+# over the row's blocks, its program's start) and per compressed key, so points of equal bytes but other shapes
+# differ threefold, and one efficiency curve over the roofline would mix them. Their seconds are interpolated
+# linearly in context within each measured batch, then linearly in batch (extrapolated along the end segments).
+GRID_TABLES = ("selection", "selection_nosa", "dense_attention", "sparse_attention_walk")
+GRID_SECOND = {"sparse_attention_walk": "k_blocks"}  # the grid's second axis where it is not the context
+
+
+def _linear(xs: np.ndarray, ys: np.ndarray, x) -> np.ndarray:
+    """Piecewise-linear through (xs, ys), extrapolated along the end segments; one point: proportional to x."""
+    x = np.asarray(x, dtype=np.float64)
+    if len(xs) == 1:
+        return ys[0] * x / xs[0]
+    i = np.clip(np.searchsorted(xs, x) - 1, 0, len(xs) - 2)
+    slope = (ys[i + 1] - ys[i]) / (xs[i + 1] - xs[i])
+    return ys[i] + slope * (x - xs[i])
 
 
 class CostModel:
@@ -101,9 +117,21 @@ class CostModel:
         self.block = config.block(model, block_size)
         self._curves = {}
         self._batch_curves = {}
+        self._grids = {}
         for kind, entries in profile.ops.items():
             if kind in ("gather_h2d", "writeback_d2h"):
                 continue  # folded into the transfer models by nosasim.hardware
+            if kind in GRID_TABLES:
+                own = {"q_heads": model.q_heads, "kv_heads": model.kv_heads, "head_dim": model.head_dim}
+                rows: dict = {}
+                second = GRID_SECOND.get(kind, "context")
+                for e in entries:
+                    if all(e[f] == v for f, v in own.items()):
+                        rows.setdefault(float(e["batch"]), []).append((float(e[second]), e["seconds"]))
+                if rows:
+                    self._grids[kind] = {b: (np.array([c for c, _ in sorted(p)]), np.array([t for _, t in sorted(p)]))
+                                         for b, p in sorted(rows.items())}
+                    continue
             if kind in BATCH_TABLES:
                 # Only entries measured on this model's shape apply: glue cost scales with widths, not FLOPs.
                 own = {"hidden": model.hidden, "q_heads": model.q_heads, "kv_heads": model.kv_heads,
@@ -134,6 +162,20 @@ class CostModel:
         else:
             eff = np.interp(np.log(np.maximum(roof, 1e-12)), np.log(xs), effs)
         return roof / eff
+
+    def grid_time(self, kind: str, batch: int, context) -> np.ndarray | None:
+        """Seconds of ``kind`` for ``batch`` rows at mean ``context`` (array over steps) from its (batch, context)
+        table, or None when the profile has none for this model shape."""
+        grid = self._grids.get(kind)
+        if grid is None:
+            return None
+        bs = np.array(list(grid))
+        at = np.array([_linear(*grid[b], context) for b in bs])  # [batches, steps]
+        if len(bs) == 1:
+            return np.maximum(at[0] * batch / bs[0], 0.0)
+        i = int(np.clip(np.searchsorted(bs, batch) - 1, 0, len(bs) - 2))
+        t = at[i] + (at[i + 1] - at[i]) * (batch - bs[i]) / (bs[i + 1] - bs[i])
+        return np.maximum(t, 0.0)
 
     def batch_table(self, kind: str, batch: int) -> float | None:
         """Seconds of a composite per-layer op at ``batch`` from its calibration table, or None without one."""
@@ -183,8 +225,12 @@ class CostModel:
             nosa = cfg.variant == "nosa"
             f, by = _select_fb(cmp_sum, blocks_sum, b, m.q_heads, m.kv_heads, m.head_dim, dt, agnostic=nosa)
             # NOSA's selection (eviction score, second top-k) has its own table when calibrated.
-            kind = "selection_nosa" if nosa and "selection_nosa" in self._curves else "selection"
-            pre.append(OpCost("selection", "selection", self.op_time(kind, f, by, kernels=6 if nosa else 4)))
+            kind = "selection_nosa" if nosa and ("selection_nosa" in self._curves or
+                                                 "selection_nosa" in self._grids) else "selection"
+            sel = self.grid_time(kind, b, ctx_sum / b)
+            if sel is None:
+                sel = self.op_time(kind, f, by, kernels=6 if nosa else 4)
+            pre.append(OpCost("selection", "selection", ones * sel))
             rows = b * m.kv_heads
             pre.append(OpCost("block_table", "cache", ones * self.op_time(
                 "block_table", 0.0, _table_bytes(rows, cfg.k, cfg.capacity), kernels=2)))
@@ -194,7 +240,9 @@ class CostModel:
                                                                         by + 4.0 * rows * cfg.k, kernels=2))
         else:
             f, by = _attn_fb(ctx_sum, b, m.q_heads, m.kv_heads, m.head_dim, dt)
-            attn = OpCost("dense_attention", "attention", self.op_time("dense_attention", f, by, kernels=2))
+            t = self.grid_time("dense_attention", b, ctx_sum / b)
+            attn = OpCost("dense_attention", "attention",
+                          t if t is not None else self.op_time("dense_attention", f, by, kernels=2))
         post = [
             attn,
             OpCost("o_proj", "gemm", ones * self.gemm(b, m.hidden, m.q_heads * m.head_dim)),
@@ -217,11 +265,13 @@ class CostModel:
         hits, misses = np.asarray(hits, dtype=np.float64), np.asarray(misses, dtype=np.float64)
         total = hits + misses + rows  # every row's tail is attended with the resident blocks
         tokens = b * self.cfg.k * self.block_size
-        parts = []
-        for share in ((hits + rows) / total, misses / total):
-            f, by = _attn_fb(tokens * share, b, m.q_heads, m.kv_heads, m.head_dim, m.dtype_bytes,
-                             self.block.dtype_bytes)
-            parts.append(self.op_time(self.attention_kind, f, by + 4.0 * rows * self.cfg.k * share, kernels=2))
+        f, by = _attn_fb(tokens, b, m.q_heads, m.kv_heads, m.head_dim, m.dtype_bytes, self.block.dtype_bytes)
+        full = self.op_time(self.attention_kind, f, by + 4.0 * rows * self.cfg.k, kernels=2)
+        # Each pass walks every entry of the plan and loads only its own blocks: the walk's cost (measured alone,
+        # when calibrated) plus its share of the full pass's remaining cost.
+        walk = self.grid_time("sparse_attention_walk", b, np.full(np.shape(total), float(self.cfg.k)))
+        walk = np.zeros(np.shape(total)) if walk is None else np.minimum(walk, full)
+        parts = [walk + share * (full - walk) for share in ((hits + rows) / total, misses / total)]
         # The merge reads both partial outputs and log-sum-exps and writes one output.
         merge = self.elementwise(rows * m.group * (3 * m.head_dim * m.dtype_bytes + 12))
         return parts[0], parts[1] + merge

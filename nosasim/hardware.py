@@ -28,6 +28,8 @@ OP_FIELDS: dict[str, tuple[str, ...]] = {
     "gemm": ("m", "n", "k"),
     "sparse_attention": ("batch", "q_heads", "kv_heads", "head_dim", "k_blocks"),
     "sparse_attention_fp8": ("batch", "q_heads", "kv_heads", "head_dim", "k_blocks"),
+    # An attention pass that walks every entry and loads none (a split step's misses pass with nothing missed).
+    "sparse_attention_walk": ("batch", "q_heads", "kv_heads", "head_dim", "k_blocks"),
     "dense_attention": ("batch", "q_heads", "kv_heads", "head_dim", "context"),
     "selection": ("batch", "q_heads", "kv_heads", "head_dim", "context"),
     "selection_nosa": ("batch", "q_heads", "kv_heads", "head_dim", "context"),

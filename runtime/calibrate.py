@@ -120,6 +120,30 @@ def sparse_attention(shape: ModelSpec, batches=(1, 8, 16, 32, 64, 96, 128, 256),
     return out
 
 
+def sparse_attention_walk(shape: ModelSpec, batches=(1, 8, 16, 32, 64, 96, 128, 256), ks=(16, 32, 64, 128)) -> list[dict]:
+    """What an attention pass costs beyond its bytes: the kernel as a split step launches its "misses" pass when
+    nothing missed, walking every entry of the plan and loading none (``part="misses"``, no tail). With the full
+    pass (``sparse_attention``) it gives the cost of a pass over a share of the blocks."""
+    from .attention import EntryPlan, decode_attention
+
+    out = []
+    q_heads, kv_heads, d = shape.q_heads, shape.kv_heads, shape.head_dim
+    for B in batches:
+        R = B * kv_heads
+        pool = torch.randn(R, max(ks) + 1, 2, 64, d, device=DEVICE, dtype=torch.bfloat16)
+        q = torch.randn(R, q_heads // kv_heads, d, device=DEVICE, dtype=torch.bfloat16)
+        for k in ks:
+            slots = torch.arange(k - 1, device=DEVICE).expand(R, k - 1).contiguous()
+            tail = torch.full((R,), k - 1, device=DEVICE, dtype=torch.int64)
+            plan = EntryPlan(slots, slots, tail, tail, torch.full((R,), 64, device=DEVICE, dtype=torch.int64))
+            miss = torch.zeros((R, k - 1), dtype=torch.bool, device=DEVICE)
+            out.append({"batch": B, "q_heads": q_heads, "kv_heads": kv_heads, "head_dim": d, "k_blocks": k,
+                        "seconds": time_graph(lambda: decode_attention(q, pool, plan, miss=miss, part="misses",
+                                                                       return_lse=True))})
+        del pool
+    return out
+
+
 DENSE_POINTS = ((1, 4096), (8, 8192), (16, 8192), (32, 8192), (8, 16384), (16, 16384), (8, 32768), (16, 32768),
                 (1, 65536), (8, 65536), (14, 65536), (1, 131072), (4, 131072), (7, 131072))
 
@@ -319,6 +343,7 @@ def build_profile(name: str, cal: dict, gather: dict, overlap: dict | None = Non
         "launch_s": c["launch_s"], "h2d": h2d, "d2h": d2h,
         "ops": {"gemm": [{k: e[k] for k in ("m", "n", "k", "seconds")} for e in cal["gemm"]],
                 "sparse_attention": cal["sparse_attention"], "dense_attention": cal["dense_attention"],
+                **({"sparse_attention_walk": cal["sparse_attention_walk"]} if cal.get("sparse_attention_walk") else {}),
                 "elementwise": cal["elementwise"], "layer_glue": cal["layer_glue"],
                 **phase_tables(cal["offload_phases"], cal["sparse_attention"], load_model(cal.get("model", DEFAULT_MODEL))),
                 "gather_h2d": h2d_tab, "writeback_d2h": d2h_tab},
@@ -362,6 +387,7 @@ def run_all(model: str = DEFAULT_MODEL) -> dict:
     free, total = torch.cuda.mem_get_info()
     cal = {"model": model, "reserved_bytes": max(0, total - free), "ceilings": ceilings(), "gemm": gemms(shape),
            "elementwise": elementwise(), "sparse_attention": sparse_attention(shape),
+           "sparse_attention_walk": sparse_attention_walk(shape),
            "dense_attention": dense_attention(shape), "layer_glue": layer_glue(shape),
            "offload_phases": offload_phases(shape, variant="infllmv2") + offload_phases(shape, variant="nosa")}
     for k in ("sparse_attention", "dense_attention", "elementwise", "layer_glue"):

@@ -125,6 +125,13 @@ def main(argv=None) -> int:
                                   for k in p["kernels"][:14]]
                 write_json(os.path.join(a.out, "profile.json"), {"env": environment(), "profiles": profs})
                 del w, stores
+            elif stage == "calib-walk":  # one calibration table alone (the split attention pass's walk)
+                from . import calibrate
+                from nosasim.models import load_model
+                walk = calibrate.sparse_attention_walk(load_model(a.model))
+                write_json(os.path.join(a.out, "walk.json"), {"env": environment(), "sparse_attention_walk": walk})
+                lines.append("walk: " + ", ".join(f"B{e['batch']}/k{e['k_blocks']} {e['seconds'] * 1e6:.0f}us"
+                                                  for e in walk[::3]))
             elif stage == "peer":
                 from .peer import transformers_generate
                 b, c = (int(x) for x in a.peer.split(","))

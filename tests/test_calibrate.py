@@ -32,6 +32,7 @@ def cpu_untimed(monkeypatch):
 @pytest.mark.triton
 def test_phases_run_the_runtime_paths(cpu_untimed):
     sparse = calibrate.sparse_attention(SHAPE, batches=(2,), ks=(4, 8))
+    walk = calibrate.sparse_attention_walk(SHAPE, batches=(2,), ks=(4, 8))
     dense = calibrate.dense_attention(SHAPE, points=((2, 300),))
     glue = calibrate.layer_glue(SHAPE, batches=(2,))
     phases = []
@@ -50,7 +51,9 @@ def test_phases_run_the_runtime_paths(cpu_untimed):
            "ceilings": {"hbm_Bps": 4e12, "matmul_flops": 7e14, "vector_flops": 6e13, "launch_s": 1e-6,
                         "launch_eager_s": 5e-6},
            "gemm": [{"m": 1, "n": 8, "k": 8, "seconds": 1e-5, "op": "qkv_proj"}], "elementwise": [{"bytes": 64, "seconds": 1e-6}],
-           "sparse_attention": sparse, "dense_attention": dense, "layer_glue": glue, "offload_phases": phases}
+           "sparse_attention": sparse, "sparse_attention_walk": walk, "dense_attention": dense, "layer_glue": glue,
+           "offload_phases": phases}
     prof = calibrate.build_profile("t-pcie5", cal, gather, total_memory=80e9)
     p = Profile.from_dict(prof)
-    assert {"selection", "selection_nosa", "block_table", "attend_glue", "layer_glue", "sparse_attention"} <= set(p.ops)
+    assert {"selection", "selection_nosa", "block_table", "attend_glue", "layer_glue", "sparse_attention",
+            "sparse_attention_walk"} <= set(p.ops)
