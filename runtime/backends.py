@@ -220,7 +220,7 @@ class OffloadBackend(_Base):
             sc = self._part(self.scores, rows)
             ctx = self.ctx_rows[rows]
             agn = sc.static[layer, :, : cfg.n_blocks] if cfg.variant == "nosa" else None
-            if select_kernels.AVAILABLE and kernels_on(q):
+            if cfg.selection == "fused" and select_kernels.AVAILABLE and kernels_on(q):
                 sel = select_kernels.select_fused(
                     sc.ckeys[layer], sc.nc, q, ctx, cfg.n_blocks, k=b.k, k_q_eff=b.k_q if agn is not None else b.k,
                     sink=b.sink, window=b.window, block_size=cfg.block_size, agnostic=agn, stride=sc.stride)

@@ -32,7 +32,10 @@ class RuntimeConfig:
     (``nosasim.contract.microbatch_groups``); ``gather_programs`` > 0 runs the copies as that many persistent
     programs (``runtime.gather``), which leaves the SMs to the overlapping compute. ``split_attention`` attends the
     resident blocks while the misses copy (on a copy stream), then the copied ones, and merges the two softmax
-    results by their log-sum-exp, so even one micro-batch overlaps its transfers. ``kv_dtype="fp8"`` keeps the
+    results by their log-sum-exp, so even one micro-batch overlaps its transfers. ``selection`` picks the selection
+    kernels: ``three`` launches (scores, pooling, top-k) or the ``fused`` one (``benchmarks/bench_select.py`` on an
+    H200: the fused launch is 2.5x slower at 64K-128K contexts and ~10% at 8K, so three is the default).
+    ``kv_dtype="fp8"`` keeps the
     host store and the block pool in float8 (e4m3): half the bytes per block over the link and out of HBM,
     dequantised by the attention kernel (the scoring state stays in ``dtype``). ``host_seqs`` < ``batch`` lets
     sequences share host rows (benchmarks only: the bytes moved are the same, the host store's contents are not
@@ -54,6 +57,7 @@ class RuntimeConfig:
     gather_block: int = 32
     split_attention: bool = False
     kv_dtype: str | None = None
+    selection: str = "three"
 
     def __post_init__(self):
         choice("RuntimeConfig.variant", self.variant, VARIANTS + (TRACE_VARIANT,))
@@ -82,6 +86,7 @@ class RuntimeConfig:
         count("RuntimeConfig.microbatches", self.microbatches, 1)
         if self.microbatches > self.batch:
             raise ValueError(f"RuntimeConfig.microbatches must lie in [1, batch={self.batch}], got {self.microbatches}")
+        choice("RuntimeConfig.selection", self.selection, ("three", "fused"))
         if self.kv_dtype is not None:
             choice("RuntimeConfig.kv_dtype", self.kv_dtype, ("fp8",))
             if not self.offloaded:

@@ -125,6 +125,14 @@ def main(argv=None) -> int:
                                   for k in p["kernels"][:14]]
                 write_json(os.path.join(a.out, "profile.json"), {"env": environment(), "profiles": profs})
                 del w, stores
+            elif stage == "calib-phases":  # the offloaded phases alone (selection, block table, attend glue)
+                from . import calibrate
+                from nosasim.models import load_model
+                shape = load_model(a.model)
+                ph = calibrate.offload_phases(shape, variant="infllmv2") + calibrate.offload_phases(shape, variant="nosa")
+                write_json(os.path.join(a.out, "phases.json"), {"env": environment(), "offload_phases": ph})
+                lines += [f"phases {e['variant']} B={e['batch']} ctx={e['context']}: selection {e['selection_s'] * 1e6:.0f}"
+                          f" us, attend {e['attend_all_hits_s'] * 1e6:.0f} us" for e in ph if e["batch"] in (32, 128)]
             elif stage == "calib-walk":  # one calibration table alone (the split attention pass's walk)
                 from . import calibrate
                 from nosasim.models import load_model

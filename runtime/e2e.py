@@ -183,6 +183,7 @@ def run_config(cfg: E2EConfig, weights, stores: dict, traces, copies: bool = Tru
         "measured": {"median_step_s": t.median_ms / 1e3, "p10_step_s": float(np.percentile(t.ms, 10)) / 1e3,
                      "p90_step_s": float(np.percentile(t.ms, 90)) / 1e3, "timed_steps": len(t.ms)},
         "step_ms": t.ms, "host_seqs": rcfg.n_host_seqs if cfg.budget else None,
+        "runtime": {"selection": rcfg.selection, "gather_block": rcfg.gather_block},
     }
     if cfg.budget is not None:
         lo = WARMUP + 2
