@@ -14,8 +14,9 @@ engine can avoid moving or computing:
 
 The device term is ``max(HBM bytes / HBM peak, FLOPs / matmul peak)``, the link term the larger direction over its
 peak. When the configuration's schedule lets transfers overlap compute (micro-batches) the floor is the larger of
-the two terms; when it cannot, their sum. Peaks are the profile's ceilings (``hbm_Bps``, ``matmul_flops``,
-``h2d/d2h.peak_Bps``), measured by the calibration, so the floor is what the measured hardware allows.
+the two terms; when it cannot, their sum. Peaks are the profile's ceilings (``hbm_peak_Bps``: the larger of the copy
+rate ``hbm_Bps`` and the best read rate a kernel reached, ``hbm_read_Bps``; ``matmul_flops``; ``h2d/d2h.peak_Bps``),
+measured in isolation, so the floor is what the measured hardware allows.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def step_floor(profile: Profile, model: ModelSpec, cfg: ReplayConfig, context: n
              + (2.0 * G * D * cmp_keys if cfg.offloaded else 0.0))
     h2d = parts["pool_writes"]
     d2h = parts["writeback_reads"]
-    hbm_s = hbm / profile.hbm_Bps
+    hbm_s = hbm / profile.hbm_peak_Bps
     flop_s = flops / profile.matmul_flops
     device_s = np.maximum(hbm_s, flop_s)
     link_s = np.maximum(h2d / profile.h2d.peak_Bps, d2h / profile.d2h.peak_Bps)

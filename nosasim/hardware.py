@@ -43,7 +43,7 @@ OP_FIELDS: dict[str, tuple[str, ...]] = {
 }
 _REQUIRED = ("name", "provenance", "gpu_memory_bytes", "hbm_Bps", "matmul_flops", "vector_flops", "launch_s",
              "h2d", "d2h")
-_OPTIONAL = ("schema", "device", "reserved_bytes", "ops", "notes", "overlap_slowdown")
+_OPTIONAL = ("schema", "device", "reserved_bytes", "ops", "notes", "overlap_slowdown", "hbm_read_Bps")
 
 
 def _positive(where: str, value) -> float:
@@ -173,6 +173,14 @@ class Profile:
     # Compute kernels run this much slower while an H2D gather runs beside them (micro-batch overlap): the gather
     # kernel's programs share the SMs. 0.22 means 1.22x longer; measured by benchmarks/bench_overlap.py.
     overlap_slowdown: float = 0.0
+    # The fastest HBM read rate a kernel reached in isolation (reads alone outrun a copy's mix of reads and
+    # writes): the floor's HBM peak when higher than ``hbm_Bps``. 0 when not measured.
+    hbm_read_Bps: float = 0.0
+
+    @property
+    def hbm_peak_Bps(self) -> float:
+        """The HBM rate a step's floor divides its bytes by: the best measured, read or copy."""
+        return max(self.hbm_Bps, self.hbm_read_Bps)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Profile":
@@ -206,6 +214,7 @@ class Profile:
             h2d=_transfer("h2d", d["h2d"], ops.get("gather_h2d")),
             d2h=_transfer("d2h", d["d2h"], ops.get("writeback_d2h")),
             ops=ops, device=str(d.get("device", "")), overlap_slowdown=float(slow),
+            hbm_read_Bps=_positive("hbm_read_Bps", d["hbm_read_Bps"]) if "hbm_read_Bps" in d else 0.0,
         )
 
     def scaled(self, *, pcie: float = 1.0, hbm: float = 1.0, flops: float = 1.0) -> "Profile":

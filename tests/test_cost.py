@@ -78,3 +78,22 @@ def test_elementwise_table_overrides_launch_cost():
     c = CostModel(p, load_model("llama3-8b"), ReplayConfig(variant="dense"))
     assert float(c.elementwise(1e6)) == pytest.approx(4e-6, rel=1e-9)
     assert float(c.elementwise(1e9)) == pytest.approx(6e-4, rel=1e-9)
+
+
+def test_selection_grid_reproduces_its_points_and_interpolates_each_axis():
+    """Selection is read as a (batch, context) grid: exact at measured points, linear in context within a batch and
+    then in batch, whatever two shapes of equal bytes cost (the case a single roofline curve got wrong)."""
+    shape = {"q_heads": 32, "kv_heads": 8, "head_dim": 128}
+    pts = {(8, 8192): 20e-6, (8, 32768): 60e-6, (64, 8192): 50e-6, (64, 32768): 250e-6, (32, 65536): 330e-6}
+    table = [{"batch": b, **shape, "context": c, "seconds": t} for (b, c), t in pts.items()]
+    c = CostModel(_profile(selection_nosa=table, selection=table), load_model("llama3-8b"),
+                  ReplayConfig(variant="nosa", k=64))
+    for (b, ctx), t in pts.items():
+        assert float(c.grid_time("selection_nosa", b, ctx)) == pytest.approx(t, rel=1e-12)
+    assert float(c.grid_time("selection_nosa", 8, 16384)) == pytest.approx(20e-6 + 40e-6 / 3, rel=1e-12)
+    assert float(c.grid_time("selection_nosa", 64, 65536)) == pytest.approx(250e-6 + 200e-6 * 4 / 3, rel=1e-12)
+    # Between batches 8 and 32 at 8K; batch 32 has one point (64K), so its row is proportional to context.
+    mid = float(c.grid_time("selection_nosa", 16, 8192))
+    assert mid == pytest.approx(20e-6 + (330e-6 * 8192 / 65536 - 20e-6) * 8 / 24, rel=1e-9)
+    pre, _ = c.layer_ops(64, np.array([64 * 8192.0]))
+    assert float(next(op for op in pre if op.name == "selection").seconds[0]) == pytest.approx(50e-6, rel=1e-12)

@@ -71,3 +71,38 @@ def test_bad_measurement_file_is_named(tmp_path):
     tampered.write_text(json.dumps(other))
     with pytest.raises(ValueError, match="not the one the GPU decoded"):
         validate(str(tampered), PROFILE)
+
+
+# The H200 (this repository's fourth runtime: fused per-token, table-plan, one-launch gather and attention kernels).
+# run1: with the fused one-launch selection kernel; run2: with the three-launch selection, the default since (the
+# fused kernel measured 2.5x slower at 64K-128K). Each against the profile calibrated on that runtime.
+RUN_H200_1, PROFILE_H200_1 = "analysis/results/e2e-h200-run1.json", "analysis/results/runtime_h200-pcie5-calibrated-fused.json"
+RUN_H200_2, PROFILE_H200_2 = "analysis/results/e2e-h200-run2.json", "h200-pcie5"
+
+
+@pytest.fixture(scope="module")
+def report_h200_1():
+    return validate(RUN_H200_1, PROFILE_H200_1)
+
+
+def test_h200_fused_runtime(report_h200_1):
+    rows = report_h200_1["rows"]
+    assert len(rows) >= 40
+    for r in rows:
+        if r["variant"] != "dense":
+            assert r["measured_loaded_blocks_per_step"] == r["predicted_loaded_blocks_per_step"], r["name"]
+    assert report_h200_1["median_abs_error"] < 0.025  # committed: 1.9%
+    # Known, documented outliers (validation-h200-run1.md): attention split around the copies (its misses pass
+    # costs more than the walk model gives) and the fused selection beside a gather at 64K-128K; every other
+    # configuration, 8K to 128K, dense and offloaded, every policy, within 6%.
+    outliers = [r for r in rows if r["name"].endswith("-split") or (r["name"].endswith("-mb2") and
+                                                                  int(r["name"].split("k-")[0].split("-")[-1]) >= 64)]
+    rest = [r for r in rows if r not in outliers]
+    assert len(rest) >= 30 and max(abs(r["error"]) for r in rest) < 0.08
+
+
+def test_h200_current_runtime():
+    report = validate(RUN_H200_2, PROFILE_H200_2)
+    for r in report["rows"]:
+        assert r["measured_loaded_blocks_per_step"] == r["predicted_loaded_blocks_per_step"], r["name"]
+    assert report["max_abs_error"] < 0.09  # committed: median 6.0%, max 8.9% over the 4 runs measured

@@ -63,8 +63,9 @@ def _run(args) -> int:
     print(f"{len(rows)} points ({skipped} impossible budgets and {len(unreplayable)} points the trace cannot replay "
           f"skipped, {summary['fitting']} fit); Pareto front:")
     for r in front:
+        how = f" {r['kv_dtype']}" + (" split" if r["split_attention"] else "")
         print(f"  {r['variant']:<8} k={r['k']} k_q={r['k_q']} C={r['capacity']} {r['policy']:<6} batch={r['batch']:<4}"
-              f" mb={r['microbatches']}  {r['tokens_per_s']:10.1f} tok/s  {r['gpu_memory_bytes'] / 2**30:7.2f} GiB"
+              f" mb={r['microbatches']}{how}  {r['tokens_per_s']:10.1f} tok/s  {r['gpu_memory_bytes'] / 2**30:7.2f} GiB"
               f"  x floor {r['x_floor']:.2f}")
     print(f"wrote {out}/points.csv, pareto.csv, summary.json, sweep.png")
     return 0
