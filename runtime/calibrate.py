@@ -242,7 +242,7 @@ def offload_phases(shape: ModelSpec, points=PHASE_POINTS, variant: str = "nosa",
             continue
         be.prefill(None, exact=False)
         be.begin_step()
-        H, G, D = one.kv_heads, one.group, one.head_dim
+        H, D = one.kv_heads, one.head_dim
         q = torch.randn(B, one.q_heads * D, device=DEVICE, dtype=torch.bfloat16)
         k, v = (torch.randn(B, H * D, device=DEVICE, dtype=torch.bfloat16) for _ in range(2))
         nosa = {"evict_w": lw.evict_w, "evict_a": lw.evict_a, "tail_done": be.tail_done,
