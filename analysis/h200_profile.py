@@ -1,18 +1,15 @@
-"""Assemble the H200 hardware profiles from the calibration files measured on the GPU (all isolated microbenchmarks).
+"""Assemble the current H200 hardware profile from the calibration files measured on the GPU (isolated
+microbenchmarks only).
 
-The session's device time came in four calls on fresh H200 machines, and the runtime changed between them (the
-selection kernels), so the profiles are assembled from the raw files rather than taken as written:
-
-- ``runtime_h200-pcie5-calibrated-fused.json``: the profile the calibration stage wrote (call 2: ceilings, GEMMs,
-  attention, layer glue, offloaded phases with the fused selection kernel, link tables, overlap), plus the empty
-  attention pass's table measured alone in call 3 (``runtime_attention_walk-h200.json``). It is the profile of the
-  runtime that ``e2e-h200-run1.json`` measured.
-  The fp8 block pool's attention kernel is taken from the attention benchmark run alone in call 1
-  (``benchmarks/results/bench_attention-h200.json``, its ``fp8`` variant at the defaults: K selected blocks plus a
-  partial tail, i.e. ``k_blocks = K + 1``), since the calibration stage timed the bf16 kernel only.
-- ``nosasim/profiles/h200-pcie5.json`` (a copy in ``runtime_h200-pcie5-calibrated.json``): the same with the
-  offloaded phases (selection, block table, attend glue) re-measured for the three-launch selection in call 4
-  (``runtime_phases-h200-three.json``): the current runtime, which ``e2e-h200-run2.json`` measured.
+- ``nosasim/profiles/h200-pcie5.json`` (a copy in ``analysis/results/runtime_h200-pcie5-calibrated-run3.json``): the
+  profile of the runtime that ``e2e-h200-run3.json`` measured, as one calibration call wrote it
+  (``runtime_h200-pcie5-run3-written.json``: ``runtime.calibrate.run_all`` plus the overlap benchmark, with link
+  tables from ``runtime_gather-h200.json``), plus the floor's HBM read peak (the best read rate of
+  ``benchmarks/results/bench_attention-h200.json``).
+- The profiles of the two earlier runtimes stay as they were assembled then (this script's earlier version, in the
+  history): ``runtime_h200-pcie5-calibrated-fused.json`` (``e2e-h200-run1.json``: the fused selection kernel) and
+  ``runtime_h200-pcie5-calibrated.json`` (``e2e-h200-run2.json``: the three-launch selection, before the launch
+  rules of ``bench_tune.py``).
 
     python -m analysis.h200_profile
 """
@@ -24,7 +21,6 @@ from pathlib import Path
 
 from nosasim.atomic import atomic_write
 from nosasim.hardware import Profile
-from nosasim.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 RES = ROOT / "analysis" / "results"
@@ -34,50 +30,34 @@ def _load(name: str) -> dict:
     return json.loads((RES / name).read_text())
 
 
-def assemble() -> tuple[dict, dict]:
-    from runtime.calibrate import phase_tables
-
-    base = _load("runtime_h200-pcie5-calibrated-fused.json")
-    walk = _load("runtime_attention_walk-h200.json")
-    cal = _load("runtime_calibration-h200.json")
-    fused = json.loads(json.dumps(base))
-    fused["ops"]["sparse_attention_walk"] = walk["sparse_attention_walk"]
+def hbm_read_peak() -> float:
+    """The floor's HBM peak: the fastest read rate any attention variant reached in the attention benchmark run
+    alone on the H200 (reads alone outrun the 1 GiB copy that ``hbm_Bps`` measures)."""
     bench = json.loads((ROOT / "benchmarks" / "results" / "bench_attention-h200.json").read_text())
-    shape = bench.get("shape", {})
-    fused["ops"]["sparse_attention_fp8"] = [
-        {"batch": r["batch"], "q_heads": shape.get("q_heads", 32), "kv_heads": shape.get("kv_heads", 8),
-         "head_dim": shape.get("head_dim", 128), "k_blocks": r["k"] + 1, "seconds": r["variants"]["fp8"]["seconds"]}
-        for r in bench["rows"] if r["kind"] == "sparse" and "seconds" in r["variants"].get("fp8", {})]
-    fused["provenance"] += (f"; sparse_attention_fp8 from benchmarks/bench_attention.py's fp8 variant, run alone "
-                            f"on {bench['env']['date']} (call 1)")
-    # The floor's HBM peak: the fastest read rate any attention variant reached in that benchmark (reads alone
-    # outrun the 1 GiB copy that hbm_Bps measures).
-    fused["hbm_read_Bps"] = max(v["Bps"] for r in bench["rows"] for n, v in r["variants"].items()
-                                if n != "fp8" and "Bps" in v)
-    fused["provenance"] += "; hbm_read_Bps: the best read rate of benchmarks/bench_attention.py's variants (call 1)"
-    fused["provenance"] += (f"; sparse_attention_walk measured alone on {walk['env']['date']} (call 3, "
-                            "runtime.calibrate.sparse_attention_walk)")
-    three = json.loads(json.dumps(fused))
-    phases = _load("runtime_phases-h200-three.json")
-    tables = phase_tables(phases["offload_phases"], cal["sparse_attention"], load_model(cal.get("model", "llama3-8b")))
-    three["ops"].update(tables)
-    three["provenance"] += (f"; selection, selection_nosa, block_table and attend_glue re-measured on "
-                            f"{phases['env']['date']} (call 4) for the three-launch selection "
-                            "(RuntimeConfig.selection='three'), by runtime.calibrate.offload_phases")
-    three["notes"] = (three.get("notes", "") + " Assembled by python -m analysis.h200_profile from the raw "
-                      "calibration files in analysis/results/ (four calls on fresh H200 machines).").strip()
-    for prof in (fused, three):
-        Profile.from_dict(prof)  # both must load in nosasim
-    three["name"] = "h200-pcie5"
-    return fused, three
+    return max(v["Bps"] for r in bench["rows"] for n, v in r["variants"].items() if n != "fp8" and "Bps" in v)
+
+
+def assemble_run3(hbm_read_Bps: float) -> dict:
+    """The current runtime's profile: what the calibration stage wrote in one call (``runtime.calibrate.run_all``:
+    ceilings, GEMMs, bf16 and FP8 attention, the empty pass's walk, dense attention, glue, offloaded phases, overlap;
+    link tables from the committed gather benchmark), plus the floor's HBM read peak, defined as for run 2."""
+    prof = _load("runtime_h200-pcie5-run3-written.json")
+    cal = _load("runtime_calibration-h200-run3.json")
+    prof["hbm_read_Bps"] = hbm_read_Bps
+    prof["provenance"] += (f"; calibration call of {cal['env']['date']} (runtime_calibration-h200-run3.json), link "
+                           "tables from runtime_gather-h200.json; hbm_read_Bps: the best read rate of "
+                           "benchmarks/bench_attention.py's variants")
+    Profile.from_dict(prof)
+    prof["name"] = "h200-pcie5"
+    return prof
 
 
 def main() -> int:
-    fused, three = assemble()
-    atomic_write(RES / "runtime_h200-pcie5-calibrated-fused.json", (json.dumps(fused, indent=1) + "\n").encode())
-    for path in (RES / "runtime_h200-pcie5-calibrated.json", ROOT / "nosasim" / "profiles" / "h200-pcie5.json"):
-        atomic_write(path, (json.dumps(three, indent=1) + "\n").encode())
-    print("wrote the fused-selection and current H200 profiles")
+    run3 = assemble_run3(hbm_read_peak())
+    for path in (RES / "runtime_h200-pcie5-calibrated-run3.json", ROOT / "nosasim" / "profiles" / "h200-pcie5.json"):
+        atomic_write(path, (json.dumps(run3, indent=1) + "\n").encode())
+    print("wrote the current runtime's H200 profile (run 3): nosasim/profiles/h200-pcie5.json and "
+          "analysis/results/runtime_h200-pcie5-calibrated-run3.json")
     return 0
 
 

@@ -94,9 +94,15 @@ BATCH_TABLES = ("layer_glue", "attend_glue")
 # Tables measured on a (batch, context) grid whose time depends on both apart: selection pays per row (the top-k
 # over the row's blocks, its program's start) and per compressed key, so points of equal bytes but other shapes
 # differ threefold, and one efficiency curve over the roofline would mix them. Their seconds are interpolated
-# linearly in context within each measured batch, then linearly in batch (extrapolated along the end segments).
-GRID_TABLES = ("selection", "selection_nosa", "dense_attention", "sparse_attention_walk")
-GRID_SECOND = {"sparse_attention_walk": "k_blocks"}  # the grid's second axis where it is not the context
+# linearly in context within each measured batch, then linearly in batch; past the largest measured batch they grow
+# in proportion to it, and below the smallest along the first segment.
+# Sparse attention too: its kernel's launch (pieces per row, pipeline stages) depends on the rows, so equal bytes at
+# other batches run at other rates (an H200's FP8 pool: 54% of the roofline at batch 64, 69% at 96), and one curve
+# over the roofline would read a batch-48 step off the wrong batches' points.
+GRID_TABLES = ("selection", "selection_nosa", "dense_attention", "sparse_attention_walk", "sparse_attention",
+               "sparse_attention_fp8")
+# The grid's second axis where it is not the context.
+GRID_SECOND = {"sparse_attention_walk": "k_blocks", "sparse_attention": "k_blocks", "sparse_attention_fp8": "k_blocks"}
 
 
 def _linear(xs: np.ndarray, ys: np.ndarray, x) -> np.ndarray:
@@ -171,8 +177,10 @@ class CostModel:
             return None
         bs = np.array(list(grid))
         at = np.array([_linear(*grid[b], context) for b in bs])  # [batches, steps]
-        if len(bs) == 1:
-            return np.maximum(at[0] * batch / bs[0], 0.0)
+        if len(bs) == 1 or batch > bs[-1]:
+            # Past the largest measured batch, the cost per row stays that batch's: the trend between two smaller
+            # batches (where a kernel is further from its peak) would run on below the bytes' own time.
+            return np.maximum(at[-1] * batch / bs[-1], 0.0)
         i = int(np.clip(np.searchsorted(bs, batch) - 1, 0, len(bs) - 2))
         t = at[i] + (at[i + 1] - at[i]) * (batch - bs[i]) / (bs[i + 1] - bs[i])
         return np.maximum(t, 0.0)
@@ -234,10 +242,7 @@ class CostModel:
             rows = b * m.kv_heads
             pre.append(OpCost("block_table", "cache", ones * self.op_time(
                 "block_table", 0.0, _table_bytes(rows, cfg.k, cfg.capacity), kernels=2)))
-            tokens = ones * b * cfg.k * self.block_size
-            f, by = _attn_fb(tokens, b, m.q_heads, m.kv_heads, m.head_dim, dt, self.block.dtype_bytes)
-            attn = OpCost("sparse_attention", "attention", self.op_time(self.attention_kind, f,
-                                                                        by + 4.0 * rows * cfg.k, kernels=2))
+            attn = OpCost("sparse_attention", "attention", ones * self.sparse_attention_time(b))
         else:
             f, by = _attn_fb(ctx_sum, b, m.q_heads, m.kv_heads, m.head_dim, dt)
             t = self.grid_time("dense_attention", b, ctx_sum / b)
@@ -264,9 +269,7 @@ class CostModel:
         rows = b * m.kv_heads
         hits, misses = np.asarray(hits, dtype=np.float64), np.asarray(misses, dtype=np.float64)
         total = hits + misses + rows  # every row's tail is attended with the resident blocks
-        tokens = b * self.cfg.k * self.block_size
-        f, by = _attn_fb(tokens, b, m.q_heads, m.kv_heads, m.head_dim, m.dtype_bytes, self.block.dtype_bytes)
-        full = self.op_time(self.attention_kind, f, by + 4.0 * rows * self.cfg.k, kernels=2)
+        full = self.sparse_attention_time(b)
         # Each pass walks every entry of the plan and loads only its own blocks: the walk's cost (measured alone,
         # when calibrated) plus its share of the full pass's remaining cost.
         walk = self.grid_time("sparse_attention_walk", b, np.full(np.shape(total), float(self.cfg.k)))
@@ -280,9 +283,28 @@ class CostModel:
     def attention_kind(self) -> str:
         """The calibration table of the sparse attention kernel: its fp8 one for an fp8 block pool, when measured
         (else the bf16 table, applied to the fp8 kernel's bytes)."""
-        if self.block.dtype_bytes == 1 and "sparse_attention_fp8" in self._curves:
+        if self.block.dtype_bytes == 1 and ("sparse_attention_fp8" in self._curves or
+                                             "sparse_attention_fp8" in self._grids):
             return "sparse_attention_fp8"
         return "sparse_attention"
+
+    def sparse_attention_time(self, b: int) -> float:
+        """Seconds of one layer's sparse attention for a micro-batch of ``b`` sequences over ``k`` blocks each:
+        read off the kernel's (batch, blocks) table when calibrated on this shape (NOSA's bias bytes added in
+        proportion), else from the roofline and the table's efficiency curve."""
+        m, k = self.m, self.cfg.k
+        rows = b * m.kv_heads
+        f, by = _attn_fb(b * k * self.block_size, b, m.q_heads, m.kv_heads, m.head_dim, m.dtype_bytes,
+                         self.block.dtype_bytes)
+        bias = 4.0 * rows * k
+        kind = self.attention_kind
+        if kind == "sparse_attention" and self.block.dtype_bytes == 1:
+            t = None  # the bf16 kernel's table does not describe an fp8 pool's shape-for-shape times
+        else:
+            t = self.grid_time(kind, b, float(k))
+        if t is None:
+            return float(self.op_time(kind, f, by + bias, kernels=2))
+        return float(t) * (by + bias) / by
 
     def step_ops(self, b: int, steps: int) -> tuple[list[OpCost], list[OpCost]]:
         """Once-per-step ops around the layers for a micro-batch: (embedding lookup, final norm + LM head)."""

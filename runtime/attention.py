@@ -51,6 +51,7 @@ MODE_LISTS, MODE_DENSE, MODE_LENS = 0, 1, 2  # EntryPlan with lists, EntryPlan d
 # ``choose_splits``. (Figures from compiling for sm_90 with ptxas; the benchmark times each alternative.)
 TILE_BLOCKS, NUM_STAGES, NUM_WARPS = 1, 3, 4
 WAVES, MIN_ENTRIES = 2.0, 2
+PROGRAMS_PER_SM, ROUND_EXCESS, FP8_DOTS_IN_F16 = 3, 1.4, True
 
 if triton is not None:
 
@@ -143,7 +144,7 @@ if triton is not None:
                        NE, EPS, row_stride, list_stride, miss_stride, bias_stride, qk_scale, v_scale, want_lse,
                        G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, T: tl.constexpr,
                        MODE: tl.constexpr, PART: tl.constexpr, WITH_TAIL: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       IEEE: tl.constexpr, STAGES: tl.constexpr, INTERP: tl.constexpr):
+                       IEEE: tl.constexpr, STAGES: tl.constexpr, INTERP: tl.constexpr, F16: tl.constexpr):
         r = tl.program_id(0).to(tl.int64)
         sp = tl.program_id(1)
         nsp = tl.num_programs(1)
@@ -156,6 +157,10 @@ if triton is not None:
         q = tl.load(q_ptr + (r * G + offs_g[:, None]) * D + offs_d[None, :], mask=gmask[:, None], other=0.0)
         if IEEE:
             q = q.to(tl.float32)
+        elif F16:
+            # FP8 pools: the dots in fp16, whose conversion from e4m3 is cheaper than bf16's (1.3x faster
+            # measured); q and the probabilities fit fp16's range, and the sums are fp32 either way.
+            q = q.to(tl.float16)
         # Complete entries of this piece: [lo, hic). Dense rows stop at their own tail.
         lo = sp * EPS
         hic = tl.minimum(lo + EPS, NE)
@@ -339,6 +344,35 @@ def choose_splits(rows: int, entries: int, sms: int = 132, *, waves: float = WAV
     return max(1, math.ceil(entries / eps))
 
 
+@dataclass(frozen=True)
+class LaunchConfig:
+    splits: int
+    num_stages: int
+    num_warps: int
+    f16: bool
+
+
+def launch_config(rows: int, entries: int, sms: int = 132, *, fp8: bool = False, waves: float | None = None,
+                  min_entries: int = MIN_ENTRIES) -> LaunchConfig:
+    """The kernel's launch for ``rows`` rows of ``entries`` entries: pieces per row, pipeline stages, warps, and
+    whether an FP8 pool's dots run in fp16. One function, so the calibration times what the decoder launches."""
+    w = WAVES if waves is None else waves
+    splits = choose_splits(rows, entries, sms, waves=w, min_entries=min_entries)
+    stages = NUM_STAGES
+    # Three default programs fit an SM. A grid a third or so past one full round of them runs as one full round
+    # plus a short second one; measured on an H200 (benchmarks/bench_tune.py), both ways out are 13-20% faster:
+    # fewer pieces per row where a row has several (batch 32: one piece, one round, no merge launch), else four
+    # stages, two programs per SM, in two even rounds (batch 64). FP8 pools at four stages gained nothing.
+    slots = PROGRAMS_PER_SM * sms
+    if waves is None and slots < rows * splits < ROUND_EXCESS * slots:
+        if splits > 1 and slots // rows >= 1:
+            splits = min(splits - 1, slots // rows)
+        elif not fp8:
+            stages = 4
+    # FP8 pools: the dots in fp16 measured 1.28-1.38x faster than in bf16 (its conversion is the costly part).
+    return LaunchConfig(splits, stages, NUM_WARPS, FP8_DOTS_IN_F16)
+
+
 def _check_pool(q: torch.Tensor, pool: torch.Tensor, fn: str) -> None:
     if q.dim() != 3:
         raise ValueError(f"{fn}: q must be [R, G, D], got {tuple(q.shape)}")
@@ -348,7 +382,7 @@ def _check_pool(q: torch.Tensor, pool: torch.Tensor, fn: str) -> None:
 
 
 def _launch(q, pool, mode, slots, blocks, lens, miss, part, tails, bias, *, scale, k_scale, v_scale, return_lse,
-            splits, tile_blocks, num_stages, num_warps, waves, min_entries, out):
+            splits, tile_blocks, num_stages, num_warps, waves, min_entries, out, f16=None):
     """One kernel launch (plus one merge launch when a row is cut into pieces); returns ``(out, lse or None)``."""
     R, G, D = q.shape
     _, S, _, BS, _ = pool.shape
@@ -365,8 +399,12 @@ def _launch(q, pool, mode, slots, blocks, lens, miss, part, tails, bias, *, scal
     if tile_blocks < 1 or tile_blocks & (tile_blocks - 1):
         raise ValueError(f"tile_blocks must be a power of two >= 1, got {tile_blocks}")
     NE = S if mode == MODE_DENSE else slots.shape[1]
-    if splits is None:
-        splits = choose_splits(R, NE, device_sms(q.device), waves=waves, min_entries=min_entries)
+    fp8 = pool.dtype == torch.float8_e4m3fn
+    cfg = launch_config(R, NE, device_sms(q.device), fp8=fp8, waves=waves, min_entries=min_entries)
+    splits = cfg.splits if splits is None else splits
+    num_stages = cfg.num_stages if num_stages is None else num_stages
+    num_warps = cfg.num_warps if num_warps is None else num_warps
+    f16 = (cfg.f16 if f16 is None else f16) and fp8
     if splits < 1:
         raise ValueError(f"splits must be >= 1, got {splits}")
     eps = max(1, math.ceil(NE / splits))
@@ -406,7 +444,7 @@ def _launch(q, pool, mode, slots, blocks, lens, miss, part, tails, bias, *, scal
         scale * k_scale * LOG2E, v_scale, int(return_lse),
         G=G, GP=GP, D=D, BS=BS, T=tile_blocks, MODE=mode, PART=PARTS[part],
         WITH_TAIL=mode != MODE_LENS and part != "misses", HAS_BIAS=has_bias,
-        IEEE=ieee, STAGES=num_stages, INTERP=not q.is_cuda, num_warps=num_warps)
+        IEEE=ieee, STAGES=num_stages, INTERP=not q.is_cuda, F16=bool(f16) and not ieee, num_warps=num_warps)
     if split:
         _merge_splits_kernel[(R, G)](po, pm, pl, out, lse, splits, int(return_lse),
                                      G=G, D=D, SP2=max(16, triton.next_power_of_2(splits)), SB=16, num_warps=4)
@@ -417,8 +455,8 @@ def decode_attention(q: torch.Tensor, pool: torch.Tensor, plan: EntryPlan, bias:
                      miss: torch.Tensor | None = None, part: str = "all", return_lse: bool = False,
                      k_scale: float = 1.0, v_scale: float = 1.0, scale: float | None = None,
                      splits: int | None = None, use_triton: bool | None = None, out: torch.Tensor | None = None,
-                     tile_blocks: int = TILE_BLOCKS, num_stages: int = NUM_STAGES, num_warps: int = NUM_WARPS,
-                     waves: float = WAVES, min_entries: int = MIN_ENTRIES):
+                     tile_blocks: int = TILE_BLOCKS, num_stages: int | None = None, num_warps: int | None = None,
+                     waves: float | None = None, min_entries: int = MIN_ENTRIES, f16: bool | None = None):
     """Attention of ``q [R, G, D]`` over ``plan``'s blocks of ``pool [R, S, 2, BS, D]``.
 
     ``bias`` float32 ``[R, NB * BS]``: NOSA's additive per-token logit bias, indexed by block id (the tail's too).
@@ -429,9 +467,10 @@ def decode_attention(q: torch.Tensor, pool: torch.Tensor, plan: EntryPlan, bias:
     log-sum-exp ``[R, G]`` float32 of the scaled, biased logits (-inf where a row attended nothing; its output is
     then 0), for ``merge_attention``.
 
-    Knobs (for benchmarks; the defaults are the expected best on an H200): ``tile_blocks`` blocks per loop
-    iteration, ``num_stages`` software-pipeline depth over iterations, ``num_warps``, ``splits`` pieces per row
-    (default ``choose_splits(R, K, SMs, waves=waves, min_entries=min_entries)``).
+    Knobs (for benchmarks; left at None, ``launch_config`` picks them from the rows and entries): ``tile_blocks``
+    blocks per loop iteration, ``num_stages`` software-pipeline depth over iterations, ``num_warps``, ``splits``
+    pieces per row, ``waves`` the programs per SM that ``choose_splits`` aims at, ``f16`` the dots of an FP8 pool
+    in fp16 rather than in q's dtype.
     """
     _check_pool(q, pool, "decode_attention")
     R = pool.shape[0]
@@ -472,7 +511,8 @@ def decode_attention(q: torch.Tensor, pool: torch.Tensor, plan: EntryPlan, bias:
     o, lse = _launch(q, pool, mode, plan.slots, plan.blocks, None, miss, part,
                      (plan.tail_slot, plan.tail_block, plan.tail_fill), bias, scale=scale, k_scale=k_scale,
                      v_scale=v_scale, return_lse=return_lse, splits=splits, tile_blocks=tile_blocks,
-                     num_stages=num_stages, num_warps=num_warps, waves=waves, min_entries=min_entries, out=out)
+                     num_stages=num_stages, num_warps=num_warps, waves=waves, min_entries=min_entries, out=out,
+                     f16=f16)
     return (o, lse) if return_lse else o
 
 

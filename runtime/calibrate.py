@@ -98,9 +98,11 @@ def elementwise(sizes=(1 << 16, 1 << 20, 1 << 24, 1 << 27)) -> list[dict]:
     return out
 
 
-def sparse_attention(shape: ModelSpec, batches=(1, 8, 16, 32, 64, 96, 128, 256), ks=(16, 32, 64, 128)) -> list[dict]:
+def sparse_attention(shape: ModelSpec, batches=(1, 8, 16, 32, 64, 96, 128, 256), ks=(16, 32, 64, 128),
+                     fp8: bool = False) -> list[dict]:
     """The attention kernel as the offloaded backend launches it: ``k_blocks - 1`` selected complete blocks plus a
-    full tail per row, in a pool of ``k_blocks + 1`` slots (distinct slots per row, as the block table assigns)."""
+    full tail per row, in a pool of ``k_blocks + 1`` slots (distinct slots per row, as the block table assigns);
+    ``fp8``: an e4m3 block pool (the ``sparse_attention_fp8`` table)."""
     from .attention import EntryPlan, decode_attention
 
     out = []
@@ -109,6 +111,8 @@ def sparse_attention(shape: ModelSpec, batches=(1, 8, 16, 32, 64, 96, 128, 256),
     for B in batches:
         R = B * kv_heads
         pool = torch.randn(R, max(ks) + 1, 2, 64, d, device=DEVICE, dtype=torch.bfloat16)
+        if fp8:
+            pool = pool.to(torch.float8_e4m3fn)
         q = torch.randn(R, G, d, device=DEVICE, dtype=torch.bfloat16)
         for k in ks:
             slots = torch.arange(k - 1, device=DEVICE).expand(R, k - 1).contiguous()
@@ -344,6 +348,7 @@ def build_profile(name: str, cal: dict, gather: dict, overlap: dict | None = Non
         "ops": {"gemm": [{k: e[k] for k in ("m", "n", "k", "seconds")} for e in cal["gemm"]],
                 "sparse_attention": cal["sparse_attention"], "dense_attention": cal["dense_attention"],
                 **({"sparse_attention_walk": cal["sparse_attention_walk"]} if cal.get("sparse_attention_walk") else {}),
+                **({"sparse_attention_fp8": cal["sparse_attention_fp8"]} if cal.get("sparse_attention_fp8") else {}),
                 "elementwise": cal["elementwise"], "layer_glue": cal["layer_glue"],
                 **phase_tables(cal["offload_phases"], cal["sparse_attention"], load_model(cal.get("model", DEFAULT_MODEL))),
                 "gather_h2d": h2d_tab, "writeback_d2h": d2h_tab},
@@ -387,10 +392,11 @@ def run_all(model: str = DEFAULT_MODEL) -> dict:
     free, total = torch.cuda.mem_get_info()
     cal = {"model": model, "reserved_bytes": max(0, total - free), "ceilings": ceilings(), "gemm": gemms(shape),
            "elementwise": elementwise(), "sparse_attention": sparse_attention(shape),
+           "sparse_attention_fp8": sparse_attention(shape, batches=(1, 8, 16, 32, 64, 96, 128, 176, 256), fp8=True),
            "sparse_attention_walk": sparse_attention_walk(shape),
            "dense_attention": dense_attention(shape), "layer_glue": layer_glue(shape),
            "offload_phases": offload_phases(shape, variant="infllmv2") + offload_phases(shape, variant="nosa")}
-    for k in ("sparse_attention", "dense_attention", "elementwise", "layer_glue"):
+    for k in ("sparse_attention", "sparse_attention_fp8", "dense_attention", "elementwise", "layer_glue"):
         for e in cal[k]:
             e["seconds"] = max(e["seconds"], 1e-9)
     return cal

@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", default="16,0,64,32,8", help="0: each variant's largest batch")
     ap.add_argument("--peer", default="8,16384")
     ap.add_argument("--e2e", default="", help="comma-separated names or glob patterns (nosa-8k-*): run only the "
-                                              "matching e2e configurations")
+                                              "matching e2e configurations, in the order the patterns name them")
     ap.add_argument("--gather-json", default=None, help="an earlier gather result for the profile's link tables")
     ap.add_argument("--model", default="llama3-8b", help="model shape to calibrate (preset, JSON file or key=value)")
     ap.add_argument("--test-workers", type=int, default=1, help="pytest-xdist workers for the tests stage")
@@ -105,7 +105,9 @@ def main(argv=None) -> int:
                 from . import e2e
                 from fnmatch import fnmatchcase
                 pats = [p for p in a.e2e.split(",") if p]
-                pick = [c for c in e2e.CONFIGS if not pats or any(fnmatchcase(c.name, p) for p in pats)]
+                # In the order the patterns name them: a run cut short by the budget loses the last ones named.
+                rank = lambda c: min((i for i, p in enumerate(pats) if fnmatchcase(c.name, p)), default=-1)  # noqa: E731
+                pick = sorted((c for c in e2e.CONFIGS if not pats or rank(c) >= 0), key=rank)
                 res = e2e.run(os.path.join(a.out, "e2e.json"), budget_s=max(30, left() - 30), configs=pick)
                 lines.append(e2e.table(res))
             elif stage.startswith("profile:"):  # kernel-by-kernel GPU time of e2e configurations' steps

@@ -75,6 +75,19 @@ if triton is not None:
         # the budget is within the allowed count, ``t`` stays above INT32_MIN; past it, ``t`` ends at INT32_MIN and
         # the final masks below drop those blocks.
         key = tl.where(allowed, key, top)
+        if RADIX == 1:
+            # One candidate per pass: a scalar bound and a 1-D count, with no [digits, NBP] tile (whose broadcast
+            # of the keys costs a layout change per pass, the larger part of a pass at 2,048+ blocks).
+            u1 = tl.zeros([], tl.int32)
+            for p in tl.static_range(32):
+                bit = tl.full([], 1, tl.int32) << (31 - p)
+                cnt1 = tl.sum((key >= ((u1 | bit) ^ top)).to(tl.int32), axis=0)
+                u1 = tl.where(cnt1 >= budget, u1 | bit, u1)
+            t1 = u1 ^ top
+            gt1 = allowed & (key > t1)
+            need1 = budget - tl.sum(gt1.to(tl.int32), axis=0)
+            tie1 = allowed & (key == t1)
+            return gt1 | (tie1 & (tl.cumsum(tie1.to(tl.int32), axis=0) <= need1))
         u = tl.zeros([1], tl.int32)
         for p in tl.static_range(32 // RADIX):
             shift = 32 - RADIX * (p + 1)
@@ -350,10 +363,13 @@ def select_blocks_triton(qaware: torch.Tensor, ctx: torch.Tensor, *, k: int, k_q
                          num_warps: int | None = None) -> torch.Tensor:
     """The kernel behind ``selection.select_blocks_gpu`` (``k_q_eff`` already resolved): ``int64 [R, k]``.
 
-    ``radix``: key bits settled per search pass (1, 2, 4 or 8). Default: 2 on the GPU (a ``[4, NBP]`` compare per
-    pass keeps registers low); 8 in the interpreter, where each pass's fixed cost dominates."""
+    ``radix``: key bits settled per search pass (1, 2, 4 or 8). Default on the GPU: 2 (a ``[4, NBP]`` compare per
+    pass keeps registers low), 1 from 2,048 padded blocks (64K-token contexts and longer), where the ``[4, NBP]``
+    compare is the costly part and one bit per pass, a scalar bound and a 1-D count, runs faster (1.7x at 4,096
+    blocks on an H200 before the scalar form; benchmarks/bench_tune.py); 8 in the interpreter, where each pass's
+    fixed cost dominates."""
     if radix is None:
-        radix = 2 if qaware.is_cuda else 8
+        radix = (1 if _pow2(qaware.shape[1]) >= 2048 else 2) if qaware.is_cuda else 8
     if radix not in (1, 2, 4, 8):
         raise ValueError(f"select_blocks_triton: radix must be 1, 2, 4 or 8, got {radix}")
     R, nb = qaware.shape
@@ -373,10 +389,15 @@ def select_blocks_triton(qaware: torch.Tensor, ctx: torch.Tensor, *, k: int, k_q
 
 
 def qaware_scores_triton(ckeys: torch.Tensor, nc: int, q: torch.Tensor, ctx: torch.Tensor, n_blocks: int, *,
-                         stride: int, block_size: int, bn: int = 64, num_warps: int = 4, bb: int = 128,
+                         stride: int, block_size: int, bn: int | None = None, num_warps: int = 4, bb: int = 128,
                          pool_warps: int = 4) -> torch.Tensor:
     """The kernels behind ``selection.qaware_block_scores``: ``ckeys [R, >= NC, D]`` (one layer), ``q [R, G, D]``,
-    context lengths ``ctx [R]``; returns float32 ``[R, n_blocks]``."""
+    context lengths ``ctx [R]``; returns float32 ``[R, n_blocks]``.
+
+    ``bn``: compressed keys per logits program; default 64, and 128 past 4,096 keys (64K-token contexts), which
+    halves the chunk statistics the pool pass merges (4% faster at 128K on an H200, benchmarks/bench_tune.py)."""
+    if bn is None:
+        bn = 128 if nc > 4096 else 64
     R, G, D = q.shape
     out = torch.empty((R, n_blocks), dtype=torch.float32, device=q.device)
     if R == 0 or n_blocks == 0:

@@ -97,3 +97,6 @@ def test_selection_grid_reproduces_its_points_and_interpolates_each_axis():
     assert mid == pytest.approx(20e-6 + (330e-6 * 8192 / 65536 - 20e-6) * 8 / 24, rel=1e-9)
     pre, _ = c.layer_ops(64, np.array([64 * 8192.0]))
     assert float(next(op for op in pre if op.name == "selection").seconds[0]) == pytest.approx(50e-6, rel=1e-12)
+    # Past the largest measured batch (64) the cost per row stays batch 64's, not the 8 -> 64 trend's.
+    assert float(c.grid_time("selection_nosa", 128, 8192)) == pytest.approx(2 * 50e-6, rel=1e-12)
+    assert float(c.grid_time("selection_nosa", 96, 32768)) == pytest.approx(1.5 * 250e-6, rel=1e-12)

@@ -303,12 +303,14 @@ def test_fp8_pool(device):
     """FP8 (e4m3) K/V converted after loading, with per-tensor K and V scales, against float64 on the same
     (dequantized) values."""
     R, G, D, S, K = (3, 4, 32, 10, 6) if device == "cpu" else (64, 4, 128, 66, 64)
-    for i, (dtype, bias, splits) in enumerate(((torch.bfloat16, True, None), (torch.float32, False, 1))):
+    cases = ((torch.bfloat16, True, None, False), (torch.float32, False, 1, False), (torch.bfloat16, True, None, True),
+             (torch.bfloat16, False, 1, True))
+    for i, (dtype, bias, splits, f16) in enumerate(cases):
         q, pool, plan, b = _entry_case(device, R, G, D, S, K, dtype, 60 + i, bias, pool_dtype=torch.float32)
         pool = (pool * 0.8).to(torch.float8_e4m3fn)
         ref, ref_lse = _masked_f64(q, pool, _attended(plan, S), b, k_scale=0.7, v_scale=1.3)
         out, lse = decode_attention(q, pool, plan, b, k_scale=0.7, v_scale=1.3, splits=splits, return_lse=True,
-                                    use_triton=True)
+                                    use_triton=True, f16=f16)  # f16: the dots in fp16 (GPU; the interpreter: fp32)
         assert out.dtype == dtype
         _check(out, lse, ref, ref_lse, dtype)
 
@@ -398,8 +400,10 @@ def test_knobs_compile_and_agree():
     ref, _ = _masked_f64(q, pool, _attended(plan, 66))
     p8 = pool.to(torch.float8_e4m3fn)
     ref8, _ = _masked_f64(q, p8, _attended(plan, 66))
-    knobs = [{}, dict(num_stages=2), dict(num_stages=4), dict(tile_blocks=2, num_stages=2), dict(num_warps=8)]
-    for pl, rf, kws in ((pool, ref, knobs), (p8, ref8, knobs[:1])):
+    knobs = [{}, dict(num_stages=2), dict(num_stages=4), dict(tile_blocks=2, num_stages=2), dict(num_warps=8),
+             dict(num_stages=4, num_warps=8)]
+    knobs8 = [{}, dict(f16=True), dict(f16=False), dict(f16=True, num_stages=4), dict(f16=True, num_warps=8)]
+    for pl, rf, kws in ((pool, ref, knobs), (p8, ref8, knobs8)):
         for kw in kws:
             for splits in (None, 1):
                 out = decode_attention(q, pl, plan, splits=splits, **kw)
@@ -440,3 +444,20 @@ def test_graph_replay_reads_new_plans():
         assert _err(outs["hits"][0], ref) < 1e-2
         ref, _ = _masked_f64(q, pool, _attended(EntryPlan.dense(plan.tail_block % S, plan.tail_fill), S), b)
         assert _err(outs["dense"], ref) < 1e-2
+
+
+def test_launch_config_rounds():
+    """The launch rule at the llama3-8b rows an H200 runs (132 SMs, 8 KV heads): a grid a third past one round of
+    default programs gets fewer pieces (batch 32) or four stages (batch 64, bf16 only); others keep the defaults,
+    and FP8 pools take fp16 dots."""
+    from runtime.attention import NUM_STAGES, launch_config
+
+    b16, b32, b64, b128 = (launch_config(8 * b, 65, 132) for b in (16, 32, 64, 128))
+    assert (b32.splits, b32.num_stages) == (1, NUM_STAGES)
+    assert (b64.splits, b64.num_stages) == (1, 4)
+    assert (b128.splits, b128.num_stages) == (1, NUM_STAGES)
+    assert b16.splits == choose_splits(128, 65, 132) and b16.num_stages == NUM_STAGES
+    f = launch_config(512, 65, 132, fp8=True)
+    assert f.num_stages == NUM_STAGES and f.f16
+    # An explicit waves target is a benchmark's choice: no adjustment.
+    assert launch_config(256, 65, 132, waves=2.0).splits == choose_splits(256, 65, 132)

@@ -469,3 +469,22 @@ def test_fused_replays_in_a_cuda_graph():
             assert torch.equal(ids, ids_sc)
             assert (ids == ids_ref).all(1).float().mean() > 0.95  # near-ties may flip under fp32 rounding only
     assert not select_kernels._counters(torch.device("cuda"), R)[:R].any()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["ties", "special", "random"])
+def test_long_context_defaults_match_torch(kind):
+    """128K-token contexts: the selection's default there (one bit per radix pass, from 4,096 padded blocks) and the
+    scoring's (128-key chunks past 4,096 compressed keys) against the torch code."""
+    _check_select("cuda", 64, 2050, 64, 33, kind, seed=7)
+    _check_select("cuda", 64, 2050, 64, None, kind, seed=8)
+    g = torch.Generator().manual_seed(9)
+    R, G, D, max_tokens, nb = 48, 4, 128, 70000, 1100
+    for dtype in (torch.float32, torch.bfloat16):
+        st = _state(g, R, D, max_tokens, nb, dtype, "cuda", extra_rows=4)
+        assert st.nc > 4096
+        q = torch.randn(R, G, D, generator=g).to(dtype).cuda()
+        ctx = torch.randint(0, max_tokens + 1, (R,), generator=g).cuda()
+        got = qaware_block_scores(st, 0, q, ctx, nb, use_triton=True)
+        ref = qaware_block_scores(_as_f32(st), 0, q.float(), ctx, nb, use_triton=False)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)

@@ -77,7 +77,8 @@ def test_bad_measurement_file_is_named(tmp_path):
 # run1: with the fused one-launch selection kernel; run2: with the three-launch selection, the default since (the
 # fused kernel measured 2.5x slower at 64K-128K). Each against the profile calibrated on that runtime.
 RUN_H200_1, PROFILE_H200_1 = "analysis/results/e2e-h200-run1.json", "analysis/results/runtime_h200-pcie5-calibrated-fused.json"
-RUN_H200_2, PROFILE_H200_2 = "analysis/results/e2e-h200-run2.json", "h200-pcie5"
+RUN_H200_2, PROFILE_H200_2 = "analysis/results/e2e-h200-run2.json", "analysis/results/runtime_h200-pcie5-calibrated.json"
+RUN_H200_3, PROFILE_H200_3 = "analysis/results/e2e-h200-run3.json", "h200-pcie5"  # the bundled profile: run 3's
 
 
 @pytest.fixture(scope="module")
@@ -101,8 +102,25 @@ def test_h200_fused_runtime(report_h200_1):
     assert len(rest) >= 30 and max(abs(r["error"]) for r in rest) < 0.08
 
 
-def test_h200_current_runtime():
+def test_h200_run2():
     report = validate(RUN_H200_2, PROFILE_H200_2)
     for r in report["rows"]:
         assert r["measured_loaded_blocks_per_step"] == r["predicted_loaded_blocks_per_step"], r["name"]
-    assert report["max_abs_error"] < 0.09  # committed: median 6.0%, max 8.9% over the 4 runs measured
+    assert report["max_abs_error"] < 0.09  # committed: max 8.9% over the 4 runs measured
+
+
+def test_h200_current_runtime():
+    """Run 3, the current runtime, against the bundled H200 profile (calibrated after its last change)."""
+    report = validate(RUN_H200_3, PROFILE_H200_3)
+    rows = report["rows"]
+    assert len(rows) >= 45
+    for r in rows:
+        if r["variant"] != "dense":
+            assert r["measured_loaded_blocks_per_step"] == r["predicted_loaded_blocks_per_step"], r["name"]
+    assert report["median_abs_error"] < 0.02  # committed: 1.8%
+    # Known, documented outliers (validation-h200-run3.md): attention split around the copies, and fp8 blocks with
+    # two micro-batches (under-predicted by 5-9%); every other configuration within 7%.
+    outliers = [r for r in rows if r["name"].endswith("-split") or "-fp8-" in r["name"]]
+    rest = [r for r in rows if r not in outliers]
+    assert len(rest) >= 37 and max(abs(r["error"]) for r in rest) < 0.07
+    assert max(abs(r["error"]) for r in outliers if "-fp8-" in r["name"]) < 0.095
