@@ -52,6 +52,20 @@ def _positive(where: str, value) -> float:
     return float(value)
 
 
+def _number(where: str, value, lo: float, hi: float, what: str) -> float:
+    """A JSON number (not a bool, null, string or container) in ``[lo, hi)``; ``what`` says what it means."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not lo <= value < hi:
+        raise ValueError(f"profile field {where}: expected a number in [{lo:g}, {hi:g}) ({what}), got {value!r}")
+    return float(value)
+
+
+def _text(where: str, value) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"profile field {where}: expected a string, got {value!r}")
+    return value
+
+
 def _interp_log(x: np.ndarray, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
     """Linear interpolation in log(x), clamped at both ends (never extrapolates a trend past the measurements)."""
     if len(xs) == 1:
@@ -96,9 +110,7 @@ def _transfer(where: str, spec, table: list[dict] | None) -> TransferModel:
     if missing:
         raise ValueError(f"profile field {where}: missing {', '.join(missing)}")
     peak = _positive(f"{where}.peak_Bps", spec["peak_Bps"])
-    latency = float(spec["latency_s"])
-    if not math.isfinite(latency) or latency < 0:
-        raise ValueError(f"profile field {where}.latency_s: expected a number >= 0, got {spec['latency_s']!r}")
+    latency = _number(f"{where}.latency_s", spec["latency_s"], 0.0, 10.0, "seconds of one transfer's fixed cost")
     if table:
         chunks = sorted({float(e["chunk_bytes"]) for e in table})
         counts = sorted({float(e["count"]) for e in table})
@@ -118,9 +130,17 @@ def _transfer(where: str, spec, table: list[dict] | None) -> TransferModel:
         if not isinstance(eff, dict) or not {"chunk_bytes", "counts", "values"} <= set(eff):
             raise ValueError(f"profile field {where}.efficiency: expected an object with chunk_bytes, counts, values "
                              f"(or an ops table), got {eff!r}")
+        for name in ("chunk_bytes", "counts", "values"):
+            if not isinstance(eff[name], list):
+                raise ValueError(f"profile field {where}.efficiency.{name}: expected a list, got {eff[name]!r}")
         chunks = [_positive(f"{where}.efficiency.chunk_bytes", c) for c in eff["chunk_bytes"]]
         counts = [_positive(f"{where}.efficiency.counts", c) for c in eff["counts"]]
-        grid = np.asarray(eff["values"], dtype=np.float64)
+        rows = eff["values"]
+        if not all(isinstance(r, list) and all(not isinstance(v, bool) and isinstance(v, (int, float)) for v in r)
+                   for r in rows):
+            raise ValueError(f"profile field {where}.efficiency.values: expected a list of lists of numbers "
+                             f"(chunk_bytes x counts), got {rows!r}"[:300])
+        grid = np.asarray(rows, dtype=np.float64) if rows and len({len(r) for r in rows}) == 1 else np.zeros((0, 0))
         if grid.shape != (len(chunks), len(counts)):
             raise ValueError(f"profile field {where}.efficiency.values: expected shape "
                              f"{(len(chunks), len(counts))} (chunk_bytes x counts), got {grid.shape}")
@@ -195,11 +215,9 @@ class Profile:
         if d.get("schema", SCHEMA) != SCHEMA:
             raise ValueError(f"profile field schema: expected {SCHEMA!r}, got {d['schema']!r}")
         ops = _check_ops(d.get("ops"))
-        launch = float(d["launch_s"])
-        if not math.isfinite(launch) or launch < 0:
-            raise ValueError(f"profile field launch_s: expected a number >= 0, got {d['launch_s']!r}")
+        launch = _number("launch_s", d["launch_s"], 0.0, 1.0, "seconds per kernel launch")
         mem = _positive("gpu_memory_bytes", d["gpu_memory_bytes"])
-        reserved = float(d.get("reserved_bytes", 0))
+        reserved = _number("reserved_bytes", d.get("reserved_bytes", 0), 0.0, mem, "bytes held before the run")
         if not 0 <= reserved < mem:
             raise ValueError(f"profile field reserved_bytes: expected 0 <= value < gpu_memory_bytes ({mem:.0f}), "
                              f"got {reserved!r}")
@@ -208,12 +226,13 @@ class Profile:
             raise ValueError(f"profile field overlap_slowdown: expected a number in [0, 10) (fractional slowdown of "
                              f"compute beside a gather), got {slow!r}")
         return cls(
-            name=str(d["name"]), provenance=str(d["provenance"]), gpu_memory_bytes=mem, reserved_bytes=reserved,
+            name=_text("name", d["name"]), provenance=_text("provenance", d["provenance"]), gpu_memory_bytes=mem,
+            reserved_bytes=reserved,
             hbm_Bps=_positive("hbm_Bps", d["hbm_Bps"]), matmul_flops=_positive("matmul_flops", d["matmul_flops"]),
             vector_flops=_positive("vector_flops", d["vector_flops"]), launch_s=launch,
             h2d=_transfer("h2d", d["h2d"], ops.get("gather_h2d")),
             d2h=_transfer("d2h", d["d2h"], ops.get("writeback_d2h")),
-            ops=ops, device=str(d.get("device", "")), overlap_slowdown=float(slow),
+            ops=ops, device=_text("device", d.get("device", "")), overlap_slowdown=float(slow),
             hbm_read_Bps=_positive("hbm_read_Bps", d["hbm_read_Bps"]) if "hbm_read_Bps" in d else 0.0,
         )
 

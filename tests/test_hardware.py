@@ -77,6 +77,17 @@ def test_missing_field_is_named(field):
     (lambda d: d["ops"].update(flash=[{"seconds": 1}]), "unknown operator"),
     (lambda d: d["h2d"].update(latency_s=1.0), "inconsistent"),
     (lambda d: d["ops"]["gather_h2d"][0].update(seconds=1e-7), "inconsistent|not above"),
+    # Wrong JSON types: each once gave a TypeError traceback or was taken as a number (True as 1 s per launch).
+    (lambda d: d.update(launch_s=True), "launch_s"),
+    (lambda d: d.update(launch_s=None), "launch_s"),
+    (lambda d: d.update(launch_s=5.0), "launch_s"),
+    (lambda d: d.update(hbm_Bps=[1e12]), "hbm_Bps"),
+    (lambda d: d.update(reserved_bytes="0"), "reserved_bytes"),
+    (lambda d: d["h2d"].update(latency_s=None), "h2d.latency_s"),
+    (lambda d: d.update(name=5), "field name"),
+    (lambda d: d.update(device={"gpu": 1}), "field device"),
+    (lambda d: d["d2h"]["efficiency"].update(values=[[0.5, None, 0.9], [0.5, 0.9, 0.9]]), "list of lists of numbers"),
+    (lambda d: d["d2h"]["efficiency"].update(counts=4096), "counts: expected a list"),
 ])
 def test_bad_profiles_raise_clear_errors(mutate, match):
     d = copy.deepcopy(_raw("h100-pcie5-reference"))  # the profile with an efficiency grid rather than a table

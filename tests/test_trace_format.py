@@ -135,8 +135,10 @@ CORRUPTIONS = {
                     "dtype float32"),
     "wrong shape": (lambda n, d: npy_bytes(np.zeros((3, 3), np.int16)) if n == "sel_key_00000.npy" else d,
                     "has shape"),
-    "context not +1": (lambda n, d: npy_bytes(np.repeat(np.arange(700, 740)[:, None], 2, 1) * 2)
+    "context not +1": (lambda n, d: npy_bytes((np.repeat(np.arange(700, 740)[:, None], 2, 1) * 2).astype(np.int32))
                        if n == "context_len.npy" else d, "increase by exactly one"),
+    "context as int64": (lambda n, d: npy_bytes(np.load(io.BytesIO(d)).astype(np.int64)) if n == "context_len.npy"
+                         else d, "dtype int64, expected int32"),
     "duplicate in keyframe": (lambda n, d: npy_bytes(with_duplicate(d)) if n == "sel_key_00000.npy" else d,
                               "duplicate"),
 }
@@ -251,3 +253,96 @@ def test_documented_numpy_decoder_reads_our_files(tmp_path):
     header, sel, ctx = scope["load_trace"](str(tmp_path / "t.nosatrace"))
     assert header["version"] == 1
     assert np.array_equal(sel, tr.sel) and np.array_equal(ctx, tr.context_len)
+
+
+def _scores_edit(member_name, fn):
+    def change(name, data):
+        if name == member_name:
+            arr = np.lib.format.read_array(io.BytesIO(data)).copy()
+            fn(arr)
+            return npy_bytes(arr)
+        return data
+    return change
+
+
+def _deep_header(name, data):
+    """The header with its provenance nested 100,000 objects deep (json.dumps itself cannot write that)."""
+    if name != "header.json":
+        return data
+    d = json.loads(data)
+    d["provenance"] = "@"
+    return json.dumps(d).replace('"@"', '{"x": ' * 100_000 + "{}" + "}" * 100_000).encode()
+
+
+# Each breaks one invariant docs/trace-format.md lists; before the reader enforced it, each was accepted (with
+# changed results) or raised something other than ValueError.
+INVARIANTS = {
+    "version 1.0": (header_edit(lambda d: d.update(version=1.0)), "'version'"),
+    "version True": (header_edit(lambda d: d.update(version=True)), "'version'"),
+    "model name not a string": (header_edit(lambda d: d["model"].update(name=1.5)), "'model.name' must be a string"),
+    "k against selection.k": (header_edit(lambda d: d.update(k=d["k"] + 3)), "must equal field 'selection.k'"),
+    "huge block_size": (header_edit(lambda d: d.update(block_size=2 ** 63)), "'block_size' must be <="),
+    "huge n_blocks": (header_edit(lambda d: d.update(n_blocks=10 ** 9)), "'n_blocks' must be <="),
+    "huge head_dim": (header_edit(lambda d: d["model"].update(head_dim=2 ** 31)), "'model.head_dim' must be <="),
+    "odd dtype_bytes": (header_edit(lambda d: d["model"].update(dtype_bytes=2 ** 31)), "'model.dtype_bytes'"),
+    "header nested deep": (_deep_header, "not valid JSON"),
+    "n_blocks against context": (header_edit(lambda d: d.update(n_blocks=d["n_blocks"] + 1)), "spans"),
+    "uint64 member": (lambda n, d: npy_bytes(np.load(io.BytesIO(d)).astype(np.uint64)) if n == "sel_addlo_00000.npy"
+                      else d, "dtype uint64, expected uint8"),
+    "signed positions": (lambda n, d: npy_bytes(-np.load(io.BytesIO(d)).astype(np.int8) - 1)
+                         if n == "sel_del_00000.npy" else d, "dtype int8"),
+    "member inflated": (lambda n, d: npy_bytes(np.zeros(1 << 20, np.int32)) if n == "context_len.npy" else d,
+                        "inflates to"),
+    "infinite score": (_scores_edit("qaware_score_00000.npy", lambda a: a.__setitem__((0, 0, 0, 0, 0), np.inf)),
+                       "found infinity"),
+    "NaN score of an existing block": (_scores_edit("qaware_score_00000.npy",
+                                                    lambda a: a.__setitem__((0, 0, 0, 0, 0), np.nan)), "NaN score"),
+    "NaN agnostic score": (_scores_edit("agnostic_score.npy", lambda a: a.__setitem__((0, 0, 0, 0), np.nan)),
+                           "NaN score"),
+}
+
+
+@pytest.mark.parametrize("name", list(INVARIANTS))
+def test_reader_enforces_invariants(tmp_path, name):
+    src = tmp_path / "good.nosatrace"
+    write_trace(src, small_trace())
+    read_trace(src)  # the unmutated trace reads
+    bad = tmp_path / "bad.nosatrace"
+    change, message = INVARIANTS[name]
+    rewrite(src, bad, change)
+    with pytest.raises(ValueError, match=message):
+        read_trace(bad)
+
+
+def test_damaged_zip_directory_is_a_value_error(tmp_path):
+    """An unknown compression method in the central directory (zipfile's NotImplementedError) is reported as a
+    corrupt trace."""
+    path = tmp_path / "t.nosatrace"
+    write_trace(path, small_trace())
+    raw = bytearray(path.read_bytes())
+    at = raw.index(b"PK\x01\x02")  # first central-directory entry; bytes 10-11 are its compression method
+    raw[at + 10: at + 12] = (99).to_bytes(2, "little")
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match="corrupt"):
+        read_trace(path)
+
+
+def test_folders_and_fifos_are_not_traces(tmp_path):
+    with pytest.raises(ValueError, match="not a regular file"):
+        read_trace(tmp_path)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="not a regular file"):  # refused without opening it (no block)
+        read_trace(fifo)
+
+
+def test_writer_refuses_what_the_reader_would():
+    """Ids are int16 in the keyframes: a context past 32,767 blocks is refused when the trace is built, not written
+    and then refused on reading (a 2M-token context once wrapped to duplicate ids)."""
+    with pytest.raises(ValueError, match="'n_blocks' must be <= 32767"):
+        synthesize("random", 1, 1, 1, 2, 4, 2097100, seed=0)
+    sel = np.zeros((2, 1, 1, 1, 1), np.int64)
+    with pytest.raises(ValueError, match="must equal the selection's k"):
+        Trace.from_arrays(sel, np.array([[200], [201]]), model=ModelShape(1, 1, 64),
+                          selection=SelectionParams("import", __import__("nosasim").contract.Budget(1, None, 0, 0)),
+                          k=2)

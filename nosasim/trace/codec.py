@@ -31,7 +31,8 @@ def from_bitmap(bm: np.ndarray, k: int) -> np.ndarray:
     return out
 
 
-def _count_dtype(k: int):
+def count_dtype(k: int):
+    """The dtype of the per-row add/remove counts and removed positions for a budget ``k``."""
     return np.uint8 if k <= 255 else np.uint16
 
 
@@ -43,7 +44,7 @@ def encode_chunk(sel: np.ndarray, n_blocks: int) -> dict[str, np.ndarray]:
     because the high bytes are nearly constant and then cost almost nothing after deflate.
     """
     n, rows, k = sel.shape
-    cdt = _count_dtype(k)
+    cdt = count_dtype(k)
     prev = to_bitmap(sel[0], n_blocks)
     adds, dels = [], []
     nadd, ndel = np.zeros((n - 1, rows), cdt), np.zeros((n - 1, rows), cdt)

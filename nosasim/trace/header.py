@@ -26,11 +26,24 @@ def _req(d: dict, key: str, where: str) -> Any:
     return d[key]
 
 
+# The format's limits. Block ids are int16 in the keyframes (``sel_key``), so a row holds at most 32,767 blocks
+# (2M tokens at 64 per block); the other bounds keep every size the header implies far from what an int64 or the
+# machine can hold, so an absurd header is refused before anything is allocated.
+MAX_BLOCKS = 32767
+LIMITS = {"block_size": 1 << 20, "steps": 1 << 31, "seqs": 1 << 20, "k": MAX_BLOCKS, "n_blocks": MAX_BLOCKS,
+          "chunk_steps": 1 << 20, "model.layers": 4096, "model.kv_heads": 4096, "model.q_heads": 1 << 16,
+          "model.head_dim": 1 << 16}
+DTYPE_BYTES = (1, 2, 4)
+
+
 def _int(value: Any, name: str, minimum: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if type(value) is not int:  # bool and float (1.0) are not integers here
         raise ValueError(f"trace header: field '{name}' must be an integer, got {value!r}")
     if value < minimum:
         raise ValueError(f"trace header: field '{name}' must be >= {minimum}, got {value}")
+    top = LIMITS.get(name)
+    if top is not None and value > top:
+        raise ValueError(f"trace header: field '{name}' must be <= {top} (the format's limit), got {value}")
     return value
 
 
@@ -50,6 +63,11 @@ class ModelShape:
         _int(self.kv_heads, "model.kv_heads", 1)
         _int(self.head_dim, "model.head_dim", 1)
         _int(self.dtype_bytes, "model.dtype_bytes", 1)
+        if self.dtype_bytes not in DTYPE_BYTES:
+            raise ValueError(f"trace header: field 'model.dtype_bytes' must be one of {DTYPE_BYTES}, got "
+                             f"{self.dtype_bytes}")
+        if not isinstance(self.name, str):
+            raise ValueError(f"trace header: field 'model.name' must be a string, got {self.name!r}")
         if self.q_heads is not None:
             _int(self.q_heads, "model.q_heads", 1)
             if self.q_heads % self.kv_heads:
@@ -70,7 +88,7 @@ class ModelShape:
             head_dim=_req(d, "head_dim", "model"),
             dtype_bytes=_req(d, "dtype_bytes", "model"),
             q_heads=d.get("q_heads"),
-            name=str(d.get("name", "")),
+            name=d.get("name", ""),
         )
 
 
@@ -148,6 +166,11 @@ class TraceHeader:
         _int(self.k, "k", 1)
         _int(self.n_blocks, "n_blocks", 1)
         _int(self.chunk_steps, "chunk_steps", 1)
+        if self.k != self.selection.k:
+            raise ValueError(f"trace header: field 'k' ({self.k}) must equal field 'selection.k' "
+                             f"({self.selection.k}): a selection holds at most k blocks")
+        if self.version != FORMAT_VERSION or type(self.version) is not int:
+            raise ValueError(f"trace header: field 'version' must be {FORMAT_VERSION}, got {self.version!r}")
         for name in self.arrays:
             if name not in OPTIONAL_ARRAYS:
                 raise ValueError(f"trace header: field 'arrays' has unknown array {name!r}; known: {OPTIONAL_ARRAYS}")
@@ -188,7 +211,7 @@ class TraceHeader:
             raise ValueError(f"trace header: field 'format' must be {FORMAT_NAME!r}, got {d.get('format')!r}")
         if "version" not in d:
             raise ValueError("trace header: missing field 'version'")
-        if d["version"] != FORMAT_VERSION:
+        if type(d["version"]) is not int or d["version"] != FORMAT_VERSION:
             raise ValueError(
                 f"trace header: field 'version' is {d['version']!r}; this nosasim reads version {FORMAT_VERSION}"
             )

@@ -16,11 +16,14 @@ from zlib import error as zlib_error
 import numpy as np
 
 from ..atomic import atomic_path
-from .codec import decode_chunk, encode_chunk
+from .codec import count_dtype, decode_chunk, encode_chunk
 from .header import TraceHeader
-from .model import Trace, check_context_len, check_selection
+from .model import Trace, check_context_len, check_selection, tails_of
 
 STEP_ARRAYS = ("qaware_score", "attn_mass")
+SEL_PARTS = ("key", "nadd", "ndel", "del", "addlo", "addhi")
+MAX_HEADER_BYTES = 1 << 20  # a header is a few hundred bytes; provenance text included, far below this
+NPY_HEADER_BYTES = 4096  # an .npy member's own header (magic, dtype, shape) is under this
 
 
 def member(name: str, chunk: int | None = None) -> str:
@@ -69,25 +72,54 @@ class TraceReader:
         self.path = os.fspath(path)
         if not os.path.exists(self.path):
             raise ValueError(f"trace file {self.path!r} does not exist")
+        if not os.path.isfile(self.path):  # a folder, a FIFO or a device: never opened (a FIFO would block)
+            raise ValueError(f"trace file {self.path!r} is not a regular file")
         try:
             self._zf = zipfile.ZipFile(self.path)
-        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError,
+                RuntimeError) as exc:
             raise ValueError(f"trace file {self.path!r} is truncated or corrupt (not a readable zip: {exc})") from None
         self._names = set(self._zf.namelist())
         if "header.json" not in self._names:
             raise ValueError(f"trace file {self.path!r}: missing field 'header' (header.json)")
+        if self._zf.getinfo("header.json").file_size > MAX_HEADER_BYTES:
+            raise ValueError(f"trace file {self.path!r}: header.json is larger than {MAX_HEADER_BYTES} bytes (corrupt)")
         try:
             raw = json.loads(self._read_bytes("header.json"))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"trace file {self.path!r}: header.json is not valid JSON ({exc})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise ValueError(f"trace file {self.path!r}: header.json is not valid JSON "
+                             f"({type(exc).__name__}: {str(exc)[:100]})") from None
         self.header = TraceHeader.from_dict(raw)
         h = self.header
-        self.context_len = self._array("context_len", None, np.integer, (h.steps, h.seqs))
+        # Every member must be one the header declares: an array left out of 'arrays' would be silently ignored.
+        per_chunk = len(SEL_PARTS) + sum(name in h.arrays for name in STEP_ARRAYS)
+        if h.n_chunks * per_chunk > len(self._names):  # before building any per-chunk list (steps may be huge)
+            raise ValueError(f"trace file {self.path!r}: the header declares {h.n_chunks} chunks of "
+                             f"{h.chunk_steps} steps ({h.n_chunks * per_chunk} chunk members); the file holds "
+                             f"{len(self._names)} members (truncated or corrupt)")
+        want = {"header.json", member("context_len")} | ({member("agnostic_score")} if "agnostic_score" in h.arrays
+                                                          else set())
+        for c in range(h.n_chunks):
+            want |= {member(f"sel_{p}", c) for p in SEL_PARTS}
+            want |= {member(name, c) for name in STEP_ARRAYS if name in h.arrays}
+        extra = sorted(self._names - want)
+        if extra:
+            raise ValueError(f"trace file {self.path!r}: member(s) {extra[:3]} not declared by the header (its "
+                             f"'arrays' field and {h.n_chunks} chunks of {h.chunk_steps} steps)")
+        self.context_len = self._array("context_len", None, np.int32, (h.steps, h.seqs))
         check_context_len(self.context_len)
+        want = int(tails_of(self.context_len.max(), h.block_size)) + 1
+        if h.n_blocks != want:
+            raise ValueError(f"trace file {self.path!r}: field 'n_blocks' is {h.n_blocks}, but the longest "
+                             f"context ({int(self.context_len.max())} tokens of {h.block_size}) spans {want} blocks")
         self.agnostic_score = None
         if "agnostic_score" in h.arrays:
             shape = (h.model.layers, h.model.kv_heads, h.seqs, h.n_blocks)
-            self.agnostic_score = self._array("agnostic_score", None, np.floating, shape)
+            self.agnostic_score = self._array("agnostic_score", None, np.float32, shape)
+            # Scores exist for the blocks that complete within the trace; the last step's tail has none (NaN).
+            last = tails_of(self.context_len[-1], h.block_size)  # [seqs]: the first block never complete
+            _check_scores(self.agnostic_score, lambda idx: last[idx[2]], f"trace file {self.path!r}: field "
+                          f"'agnostic_score'")
 
     def close(self) -> None:
         self._zf.close()
@@ -101,21 +133,37 @@ class TraceReader:
     def _read_bytes(self, name: str) -> bytes:
         try:
             return self._zf.read(name)
-        except (zipfile.BadZipFile, OSError, EOFError, zlib_error) as exc:
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, zlib_error, ValueError,
+                NotImplementedError, RuntimeError) as exc:
             raise ValueError(f"trace file {self.path!r}: member {name!r} is truncated or corrupt ({exc})") from None
 
-    def _array(self, name: str, chunk: int | None, kind, shape: tuple | None) -> np.ndarray:
+    def _array(self, name: str, chunk: int | None, dtype, shape: tuple | None, max_items: int | None = None
+               ) -> np.ndarray:
+        """Member ``name`` (of chunk ``chunk``) as an array of exactly ``dtype`` and ``shape`` (or, flat, at most
+        ``max_items`` long). Its inflated size is checked against what the header allows before it is read, so a
+        damaged or hostile member cannot make the reader allocate more than the trace can hold."""
         mname = member(name, chunk)
+        field_ = mname[:-4]
         if mname not in self._names:
-            raise ValueError(f"trace file {self.path!r}: missing field '{mname[:-4]}'")
+            raise ValueError(f"trace file {self.path!r}: missing field '{field_}'")
+        dtype = np.dtype(dtype)
+        items = int(np.prod(shape, dtype=object)) if shape is not None else int(max_items)
+        size = self._zf.getinfo(mname).file_size
+        if size > items * dtype.itemsize + NPY_HEADER_BYTES:
+            raise ValueError(f"trace file {self.path!r}: field '{field_}' inflates to {size} bytes, more than its "
+                             f"{items} {dtype} items can take (corrupt)")
+        data = self._read_bytes(mname)
         try:
-            arr = np.lib.format.read_array(io.BytesIO(self._read_bytes(mname)), allow_pickle=False)
-        except ValueError as exc:
-            raise ValueError(f"trace file {self.path!r}: field '{mname[:-4]}' is corrupt ({exc})") from None
-        if not np.issubdtype(arr.dtype, kind):
-            raise ValueError(f"trace file {self.path!r}: field '{mname[:-4]}' has dtype {arr.dtype}, expected {kind.__name__}")
+            arr = np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
+        except Exception as exc:  # noqa: BLE001 - numpy's parser of a damaged .npy header raises many types
+            raise ValueError(f"trace file {self.path!r}: field '{field_}' is corrupt "
+                             f"({type(exc).__name__}: {str(exc)[:100]})") from None
+        if arr.dtype != dtype:
+            raise ValueError(f"trace file {self.path!r}: field '{field_}' has dtype {arr.dtype}, expected {dtype}")
         if shape is not None and arr.shape != shape:
-            raise ValueError(f"trace file {self.path!r}: field '{mname[:-4]}' has shape {arr.shape}, expected {shape}")
+            raise ValueError(f"trace file {self.path!r}: field '{field_}' has shape {arr.shape}, expected {shape}")
+        if shape is None and arr.ndim != 1:
+            raise ValueError(f"trace file {self.path!r}: field '{field_}' must be flat, got shape {arr.shape}")
         return arr
 
     def read(self, start: int = 0, stop: int | None = None) -> Trace:
@@ -126,15 +174,29 @@ class TraceReader:
             raise ValueError(f"step range [{start}, {stop}) is outside the trace's 0..{h.steps}")
         cs, rows = h.chunk_steps, h.model.layers * h.model.kv_heads * h.seqs
         parts, extra = [], {name: [] for name in STEP_ARRAYS if name in h.arrays}
+        cdt = count_dtype(h.k)
         for c in range(start // cs, (stop - 1) // cs + 1):
             lo, hi = c * cs, min((c + 1) * cs, h.steps)
-            chunk = {p: self._array(f"sel_{p}", c, np.integer, None) for p in ("key", "nadd", "ndel", "del", "addlo", "addhi")}
-            dec = decode_chunk(chunk, hi - lo, rows, h.k, h.n_blocks, f"trace file {self.path!r}, chunk {c}")
+            n = hi - lo
+            # A step adds and removes at most k ids per row.
+            flat = (n - 1) * rows * h.k
+            chunk = {"key": self._array("sel_key", c, np.int16, (rows, h.k)),
+                     "nadd": self._array("sel_nadd", c, cdt, (n - 1, rows)),
+                     "ndel": self._array("sel_ndel", c, cdt, (n - 1, rows)),
+                     "del": self._array("sel_del", c, cdt, None, flat),
+                     "addlo": self._array("sel_addlo", c, np.uint8, None, flat),
+                     "addhi": self._array("sel_addhi", c, np.uint8, None, flat)}
+            dec = decode_chunk(chunk, n, rows, h.k, h.n_blocks, f"trace file {self.path!r}, chunk {c}")
             a, b = max(start, lo) - lo, min(stop, hi) - lo
             parts.append(dec[a:b])
             for name in extra:
-                shape = (hi - lo, h.model.layers, h.model.kv_heads, h.seqs, h.n_blocks)
-                extra[name].append(self._array(name, c, np.floating, shape)[a:b])
+                shape = (n, h.model.layers, h.model.kv_heads, h.seqs, h.n_blocks)
+                arr = self._array(name, c, np.float16, shape)
+                # A block's score exists from the step it exists (its tail included); later blocks are NaN.
+                tails = tails_of(self.context_len[lo:hi], h.block_size)  # [n, seqs]
+                _check_scores(arr, lambda idx, tails=tails: tails[idx[0], idx[3]] + 1,
+                              f"trace file {self.path!r}: field '{member(name, c)[:-4]}'")
+                extra[name].append(arr[a:b])
         sel = np.concatenate(parts).reshape(stop - start, h.model.layers, h.model.kv_heads, h.seqs, h.k)
         ctx = self.context_len[start:stop]
         check_selection(sel, ctx, h.block_size, h.k, step0=start)
@@ -152,6 +214,27 @@ class TraceReader:
         for lo in range(start, stop, steps):
             yield self.read(lo, min(lo + steps, stop))
 
+
+
+def _check_scores(arr: np.ndarray, first_missing, where: str) -> None:
+    """Scores are finite where their block exists; elsewhere NaN or finite, never infinite. ``first_missing(idx)``
+    gives, for the index arrays of the non-finite entries, the first block that does not exist there (few entries
+    are non-finite, so this costs one pass over the scores)."""
+    flat = arr.reshape(-1)
+    # Non-finite floats have every exponent bit set: a test on the bits, which numpy runs far faster than the
+    # float16 ufuncs it emulates.
+    bits, expo = {2: (np.uint16, 0x7C00), 4: (np.uint32, 0x7F800000)}.get(flat.dtype.itemsize, (None, None))
+    nonfinite = (flat.view(bits) & expo) == expo if bits is not None else ~np.isfinite(flat)
+    at = np.flatnonzero(nonfinite)
+    if not at.size:
+        return
+    if np.isinf(flat[at]).any():
+        raise ValueError(f"{where}: scores must be finite (NaN only where a block does not exist), found infinity")
+    idx = np.unravel_index(at, arr.shape)
+    bad = idx[-1] < first_missing(idx)
+    if bad.any():
+        at = tuple(int(i[np.argmax(bad)]) for i in idx)
+        raise ValueError(f"{where}: NaN score at index {at}, a block that exists (scores must be finite there)")
 
 
 def read_trace(path: str | os.PathLike, start: int = 0, stop: int | None = None) -> Trace:

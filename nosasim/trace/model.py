@@ -144,7 +144,9 @@ class Trace:
         check_context_len(context_len)
         if selection is None:
             selection = SelectionParams(method="import", budget=Budget(k or width, None, 0, 0))
-        k = selection.k if k is None else k
+        if k is not None and k != selection.k:
+            raise ValueError(f"field 'k' ({k}) must equal the selection's k ({selection.k})")
+        k = selection.k
         if model is None:
             model = ModelShape(layers=layers, kv_heads=heads, head_dim=128)
         if (model.layers, model.kv_heads) != (layers, heads):

@@ -1,0 +1,207 @@
+"""Seeded mutation fuzzing of trace files: every damaged or hand-edited trace must read as a valid trace or be refused
+with a ``ValueError``; nothing else (another exception, a hang, a huge allocation) is acceptable.
+
+Each case takes a valid trace file, applies one mutation of one category and reads the result with
+:func:`nosasim.trace.read_trace`:
+
+- ``header``: one header field (found by walking the JSON) set to a value of another type or an extreme one;
+- ``member``: one array member replaced by one of another dtype or shape, or with extreme values (negative, huge,
+  NaN, infinite);
+- ``bytes``: bytes of one inflated member flipped;
+- ``container``: bytes of the zip file itself flipped, or the file truncated;
+- ``drop``: one member removed.
+
+``run`` returns the outcome counts per category; ``tests/test_trace_fuzz.py`` runs a quick seeded sample and
+``benchmarks/fuzz_traces.py`` the full run whose summary is committed.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import time
+import zipfile
+from collections import Counter
+
+import numpy as np
+
+from .io import read_trace, write_trace
+
+CATEGORIES = ("header", "member", "bytes", "container", "drop")
+ODD_VALUES = (None, True, False, 1.5, -1, 0, 2 ** 31, 2 ** 63, 10 ** 9, -(2 ** 40), "x", "", [], [1, 2], {},
+              {"a": 1}, float("nan"), 1e308)
+
+
+def _members(path: str) -> dict[str, bytes]:
+    with zipfile.ZipFile(path) as zf:
+        return {n: zf.read(n) for n in zf.namelist()}
+
+
+def _write(path: str, members: dict[str, bytes]) -> None:
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+
+
+def _paths(obj, prefix=()):
+    """Every (path) to a leaf or container in a JSON object."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield prefix + (k,)
+            yield from _paths(v, prefix + (k,))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield prefix + (i,)
+            yield from _paths(v, prefix + (i,))
+
+
+def _npy(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _mutate_header(rng, members):
+    d = json.loads(members["header.json"])
+    paths = list(_paths(d))
+    path = paths[rng.integers(len(paths))]
+    target = d
+    for p in path[:-1]:
+        target = target[p]
+    target[path[-1]] = ODD_VALUES[rng.integers(len(ODD_VALUES))]
+    members["header.json"] = json.dumps(d).encode()
+    return f"header {'.'.join(map(str, path))}"
+
+
+def _mutate_member(rng, members):
+    names = [n for n in members if n.endswith(".npy")]
+    name = names[rng.integers(len(names))]
+    arr = np.lib.format.read_array(io.BytesIO(members[name]), allow_pickle=False)
+    how = rng.integers(6)
+    if how == 0:
+        arr = arr.astype((np.int8, np.uint64, np.float64, np.int64, np.bool_, np.float16)[rng.integers(6)])
+    elif how == 1:
+        arr = arr.reshape(-1)[: max(0, arr.size - 1 - rng.integers(3))]
+    elif how == 2:
+        arr = arr.T.copy() if arr.ndim > 1 else np.concatenate([arr, arr[:1]])
+    elif arr.size:
+        arr = arr.copy()
+        flat = arr.reshape(-1)
+        i = rng.integers(flat.size, size=max(1, flat.size // 50))
+        if np.issubdtype(arr.dtype, np.floating):
+            flat[i] = (np.nan, np.inf, -np.inf, 1e30)[rng.integers(4)]
+        else:
+            info = np.iinfo(arr.dtype)
+            flat[i] = (info.max, info.min, -1 if info.min < 0 else info.max - 1, 0)[how - 3]
+    members[name] = _npy(arr)
+    return f"member {name} ({how})"
+
+
+def _mutate_bytes(rng, members):
+    names = [n for n in members if n.endswith(".npy") or n == "header.json"]
+    name = names[rng.integers(len(names))]
+    raw = bytearray(members[name])
+    for _ in range(1 + rng.integers(4)):
+        if raw:
+            raw[rng.integers(len(raw))] ^= 1 << int(rng.integers(8))
+    members[name] = bytes(raw)
+    return f"bytes {name}"
+
+
+def _mutate_container(rng, path):
+    raw = bytearray(open(path, "rb").read())
+    if rng.integers(3) == 0:
+        raw = raw[: rng.integers(len(raw))]
+    else:
+        for _ in range(1 + rng.integers(8)):
+            raw[rng.integers(len(raw))] ^= 1 << int(rng.integers(8))
+    with open(path, "wb") as f:
+        f.write(raw)
+    return "container"
+
+
+def _mutate_drop(rng, members):
+    names = list(members)
+    name = names[rng.integers(len(names))]
+    del members[name]
+    return f"drop {name}"
+
+
+def mutate(rng: np.random.Generator, src: str, dst: str, category: str) -> str:
+    """Write a mutated copy of trace ``src`` to ``dst``; returns what was changed."""
+    with np.errstate(all="ignore"):  # casts to narrower types overflow on purpose
+        return _mutate(rng, src, dst, category)
+
+
+def _mutate(rng, src, dst, category):
+    if category == "container":
+        with open(src, "rb") as f, open(dst, "wb") as g:
+            g.write(f.read())
+        return _mutate_container(rng, dst)
+    members = _members(src)
+    what = {"header": _mutate_header, "member": _mutate_member, "bytes": _mutate_bytes,
+            "drop": _mutate_drop}[category](rng, members)
+    _write(dst, members)
+    return what
+
+
+def make_sources(folder: str, real: str | None = None) -> list[str]:
+    """Valid traces to mutate, written into ``folder``: a small synthetic trace of each kind, and (given the path of
+    a real trace) its first 24 steps and 2 layers with every score array, as a trace of its own."""
+    from .model import ModelShape, Trace
+    from .synth import synthesize
+
+    out = []
+    for i, kind in enumerate(("random", "infllmv2", "nosa")):
+        kw = {"kq": 12, "window": 4} if kind == "nosa" else ({"window": 4} if kind == "infllmv2" else {})
+        t = synthesize(kind, 2, 2, 2, 30, 24, 700, seed=i, chunk_steps=16, **kw)
+        out.append(os.path.join(folder, f"{kind}.nosatrace"))
+        write_trace(out[-1], t)
+    if real is not None:
+        r = read_trace(real, 0, 24)
+        h, layers = r.header, 2
+        nb = int((r.context_len.max() - 1) // h.block_size) + 1
+        m = h.model
+        t = Trace.from_arrays(
+            r.sel[:, :layers], r.context_len, block_size=h.block_size,
+            model=ModelShape(layers, m.kv_heads, m.head_dim, m.dtype_bytes, m.q_heads, m.name),
+            selection=h.selection, provenance=h.provenance, chunk_steps=16,
+            agnostic_score=None if r.agnostic_score is None else r.agnostic_score[:layers, ..., :nb],
+            qaware_score=None if r.qaware_score is None else r.qaware_score[:, :layers, ..., :nb],
+            attn_mass=None if r.attn_mass is None else r.attn_mass[:, :layers, ..., :nb])
+        out.append(os.path.join(folder, "real.nosatrace"))
+        write_trace(out[-1], t)
+    return out
+
+
+def run(sources: list[str], cases: int, seed: int = 0, slow_s: float = 10.0) -> dict:
+    """``cases`` mutations spread over ``sources`` and the categories; outcome counts and the failures.
+
+    Outcomes: ``refused`` (a ValueError), ``read`` (a valid trace), ``other`` (any other exception: a failure) and
+    ``slow`` (a read past ``slow_s``: a failure)."""
+    rng = np.random.default_rng(seed)
+    counts: dict[str, Counter] = {c: Counter() for c in CATEGORIES}
+    failures = []
+    with tempfile.TemporaryDirectory() as tmp:
+        dst = os.path.join(tmp, "mutated.nosatrace")
+        for i in range(cases):
+            category = CATEGORIES[i % len(CATEGORIES)]
+            src = sources[(i // len(CATEGORIES)) % len(sources)]
+            what = mutate(rng, src, dst, category)
+            t0 = time.perf_counter()
+            try:
+                read_trace(dst)
+                outcome = "read"
+            except ValueError:
+                outcome = "refused"
+            except Exception as exc:  # noqa: BLE001 - counting them is the point
+                outcome = "other"
+                failures.append({"case": i, "category": category, "mutation": what, "source": os.path.basename(src),
+                                 "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+            if time.perf_counter() - t0 > slow_s:
+                failures.append({"case": i, "category": category, "mutation": what, "error": "slow"})
+                outcome = "slow"
+            counts[category][outcome] += 1
+    return {"cases": cases, "seed": seed, "counts": {c: dict(v) for c, v in counts.items()}, "failures": failures}
