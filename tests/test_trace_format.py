@@ -144,17 +144,6 @@ CORRUPTIONS = {
 }
 
 
-@pytest.mark.parametrize("name", list(CORRUPTIONS))
-def test_corrupt_files_raise_named_errors(tmp_path, name):
-    src = tmp_path / "good.nosatrace"
-    write_trace(src, small_trace())
-    bad = tmp_path / "bad.nosatrace"
-    change, message = CORRUPTIONS[name]
-    rewrite(src, bad, change)
-    with pytest.raises(ValueError, match=message):
-        read_trace(bad)
-
-
 def test_future_block_in_file_is_rejected(tmp_path):
     tr = small_trace(steps=16)
     write_trace(tmp_path / "good.nosatrace", tr)
@@ -301,14 +290,16 @@ INVARIANTS = {
                            "NaN score"),
 }
 
+CORRUPTIONS.update(INVARIANTS)  # read by test_corrupt_files_raise_named_errors, defined after both tables
 
-@pytest.mark.parametrize("name", list(INVARIANTS))
-def test_reader_enforces_invariants(tmp_path, name):
+
+@pytest.mark.parametrize("name", list(CORRUPTIONS))
+def test_corrupt_files_raise_named_errors(tmp_path, name):
     src = tmp_path / "good.nosatrace"
     write_trace(src, small_trace())
     read_trace(src)  # the unmutated trace reads
     bad = tmp_path / "bad.nosatrace"
-    change, message = INVARIANTS[name]
+    change, message = CORRUPTIONS[name]
     rewrite(src, bad, change)
     with pytest.raises(ValueError, match=message):
         read_trace(bad)
