@@ -36,3 +36,48 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically."""
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike):
+    """Yield a temporary folder beside ``path``; on a clean exit it replaces ``path`` whole (its earlier files
+    included), on an error it is deleted and ``path`` is left as it was. Concurrent writers to one ``path`` each
+    fill their own folder, so the result is one writer's files, never a mix."""
+    import shutil
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out: {str(path)!r} exists and is not a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    except OSError as exc:
+        raise ValueError(f"--out: cannot create a folder beside {str(path)!r} ({exc.strerror or exc})") from None
+    try:
+        yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700 folders; outputs are shared data
+        for _ in range(100):  # another writer may move a folder into place between our two renames
+            old = None
+            if path.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+                try:
+                    os.replace(path, old / "x")
+                except FileNotFoundError:
+                    pass
+            try:
+                os.rename(tmp, path)
+            except OSError:
+                if old is not None:
+                    shutil.rmtree(old, ignore_errors=True)
+                continue
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+            break
+        else:
+            raise ValueError(f"--out: could not move the new results into {str(path)!r} (other writers kept "
+                             f"replacing it)")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

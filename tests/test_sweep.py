@@ -120,3 +120,35 @@ def test_sweep_skips_and_counts_every_impossible_point(trace_path, tmp_path, cap
     with open(out / "points.csv") as f:
         assert [(r["k_q"], r["batch"]) for r in csv.DictReader(f)] == [("33", "2")]
     assert "2 impossible budgets and 1 points the trace cannot replay skipped" in capsys.readouterr().out
+
+
+def test_sweep_folder_appears_whole_and_replaces_the_last(trace_path, tmp_path, monkeypatch, capsys):
+    """``--out`` is replaced whole: an earlier run's files do not survive beside the new ones, a failure part-way
+    leaves the earlier folder exactly as it was (and no temporary folder), and a file or an unwritable place is a
+    one-line error."""
+    out = tmp_path / "out"
+    args = ["sweep", str(trace_path), "--model", "smollm2-135m", "--kq", "33", "--batch", "2", "--workers", "1",
+            "--quiet", "--out", str(out)]
+    assert main(args) == 0
+    (out / "stale.csv").write_text("from an earlier run")
+    before = sorted(p.name for p in out.iterdir())
+    import nosasim.plot
+
+    def broken(*a, **k):
+        raise RuntimeError("plot failed")
+
+    monkeypatch.setattr(nosasim.plot, "plot_sweep", broken)
+    with pytest.raises(RuntimeError, match="plot failed"):
+        main(args)
+    assert sorted(p.name for p in out.iterdir()) == before  # untouched
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+    monkeypatch.undo()
+    assert main(args) == 0
+    assert not (out / "stale.csv").exists() and (out / "points.csv").exists()
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    capsys.readouterr()
+    assert main(args[:-1] + [str(afile)]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert main(args[:-1] + [str(afile / "sub")]) == 2
+    assert "--out" in capsys.readouterr().err

@@ -16,7 +16,7 @@ LISTED = ("variant", "k", "k_q", "capacity", "policy", "batch", "microbatches", 
 def _run(args) -> int:
     from nosasim.plot import plot_sweep
     from nosasim.sim import resolve
-    from nosasim.atomic import atomic_write
+    from nosasim.atomic import atomic_folder, atomic_write
     from nosasim.sweep import expand, pareto, run_sweep, write_csv
     from nosasim.trace import TraceReader, read_trace
 
@@ -49,17 +49,19 @@ def _run(args) -> int:
                          f"{unreplayable[0]['skipped']}")
     out = Path(args.out)
     front = pareto(rows)
-    write_csv(out / "points.csv", rows)
-    write_csv(out / "pareto.csv", front)
     summary = {"trace": str(path), "points": len(rows), "skipped_impossible": skipped,
                "skipped_unreplayable": len(unreplayable), "skipped_points": unreplayable,
                "fitting": sum(r["fits"] for r in rows), "pareto": front}
-    if any(r["recall"] is not None for r in rows):
-        summary["pareto_recall"] = pareto(rows, x="recall", minimize_x=False)
-        write_csv(out / "pareto_recall.csv", summary["pareto_recall"])
-    atomic_write(out / "summary.json", json.dumps(summary, indent=1, default=str).encode())
-    plot_sweep(rows, front, out / "sweep.png", title=f"{path.name} on {base.profile}, {base.model}",
-               recall_front=summary.get("pareto_recall"))
+    # The folder appears whole or not at all, and replaces an earlier run's files rather than mixing with them.
+    with atomic_folder(out) as tmp:
+        write_csv(tmp / "points.csv", rows)
+        write_csv(tmp / "pareto.csv", front)
+        if any(r["recall"] is not None for r in rows):
+            summary["pareto_recall"] = pareto(rows, x="recall", minimize_x=False)
+            write_csv(tmp / "pareto_recall.csv", summary["pareto_recall"])
+        atomic_write(tmp / "summary.json", json.dumps(summary, indent=1, default=str).encode())
+        plot_sweep(rows, front, tmp / "sweep.png", title=f"{path.name} on {base.profile}, {base.model}",
+                   recall_front=summary.get("pareto_recall"))
     print(f"{len(rows)} points ({skipped} impossible budgets and {len(unreplayable)} points the trace cannot replay "
           f"skipped, {summary['fitting']} fit); Pareto front:")
     for r in front:
@@ -76,7 +78,8 @@ def register(subparsers) -> None:
                               description=__doc__)
     p.add_argument("trace", nargs="?", help="trace file (default: the bundled sample score trace)")
     add_config_options(p, as_lists=LISTED)
-    p.add_argument("--out", default="sweep-out", help="output folder (default sweep-out)")
+    p.add_argument("--out", default="sweep-out", help="output folder (default sweep-out), replaced whole when the "
+                                                      "sweep finishes")
     p.add_argument("--workers", type=int, default=0, help="worker processes (default: local cores, at most 8)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_run)
