@@ -46,9 +46,15 @@ _REQUIRED = ("name", "provenance", "gpu_memory_bytes", "hbm_Bps", "matmul_flops"
 _OPTIONAL = ("schema", "device", "reserved_bytes", "ops", "notes", "overlap_slowdown", "hbm_read_Bps")
 
 
-def _positive(where: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"profile field {where}: expected a positive number, got {value!r}")
+# No rate, size or time in a profile comes near these (an H200 reads 4.8e12 B/s and multiplies 1e15 FLOP/s);
+# values past them are damage, and would overflow or vanish in the cost model's arithmetic.
+MAX_RATE, MAX_SECONDS, MAX_SHAPE = 1e18, 1e4, 1 << 40
+
+
+def _positive(where: str, value, hi: float = MAX_RATE) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0 \
+            or value > hi:
+        raise ValueError(f"profile field {where}: expected a positive number up to {hi:g}, got {value!r}")
     return float(value)
 
 
@@ -169,8 +175,11 @@ def _check_ops(ops) -> dict[str, list[dict]]:
             missing = [f for f in need if not isinstance(e, dict) or f not in e]
             if missing:
                 raise ValueError(f"profile field ops.{op}[{i}]: missing {', '.join(missing)}")
-            for f in need:
-                _positive(f"ops.{op}[{i}].{f}", e[f])
+            for f in OP_FIELDS[op]:
+                if type(e[f]) is not int or not 1 <= e[f] <= MAX_SHAPE:
+                    raise ValueError(f"profile field ops.{op}[{i}].{f}: expected an integer in [1, {MAX_SHAPE}], "
+                                     f"got {e[f]!r}")
+            _positive(f"ops.{op}[{i}].seconds", e["seconds"], MAX_SECONDS)
     return ops
 
 

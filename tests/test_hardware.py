@@ -88,6 +88,9 @@ def test_missing_field_is_named(field):
     (lambda d: d.update(device={"gpu": 1}), "field device"),
     (lambda d: d["d2h"]["efficiency"].update(values=[[0.5, None, 0.9], [0.5, 0.9, 0.9]]), "list of lists of numbers"),
     (lambda d: d["d2h"]["efficiency"].update(counts=4096), "counts: expected a list"),
+    (lambda d: d.update(hbm_Bps=1e308), "hbm_Bps"),
+    (lambda d: d["ops"]["gemm"][0].update(m=1.5), r"ops.gemm\[0\].m: expected an integer"),
+    (lambda d: d["ops"]["gemm"][0].update(seconds=1e6), r"ops.gemm\[0\].seconds"),
 ])
 def test_bad_profiles_raise_clear_errors(mutate, match):
     d = copy.deepcopy(_raw("h100-pcie5-reference"))  # the profile with an efficiency grid rather than a table

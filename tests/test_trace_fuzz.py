@@ -18,3 +18,9 @@ def test_mutated_traces_read_or_are_refused(tmp_path):
         assert set(counts) <= {"read", "refused"}, (category, counts)
         assert counts.get("refused", 0) > 0, category  # every category produced damage that was caught
     assert sum(sum(c.values()) for c in res["counts"].values()) == 1000
+
+
+def test_mutated_profiles_build_or_are_refused():
+    res = fuzz.run_profiles(500, seed=2)
+    assert res["failures"] == []
+    assert set(res["counts"]) <= {"built", "refused"} and res["counts"].get("refused", 0) > 0

@@ -205,3 +205,35 @@ def run(sources: list[str], cases: int, seed: int = 0, slow_s: float = 10.0) -> 
                 outcome = "slow"
             counts[category][outcome] += 1
     return {"cases": cases, "seed": seed, "counts": {c: dict(v) for c, v in counts.items()}, "failures": failures}
+
+
+def run_profiles(cases: int, seed: int = 0) -> dict:
+    """``cases`` mutations of the bundled hardware profiles: one field (anywhere in the JSON, tables included) set to
+    a value of another type or an extreme one; ``nosasim.hardware.Profile.from_dict`` must build a profile or raise
+    ValueError. Outcome counts (``built``, ``refused``, ``other``) and the failures."""
+    import copy
+
+    from ..hardware import PROFILE_DIR, Profile
+
+    rng = np.random.default_rng(seed)
+    bases = [json.loads(p.read_text()) for p in sorted(PROFILE_DIR.glob("*.json"))]
+    counts: Counter = Counter()
+    failures = []
+    for i in range(cases):
+        d = copy.deepcopy(bases[i % len(bases)])
+        paths = list(_paths(d))
+        path = paths[rng.integers(len(paths))]
+        target = d
+        for p in path[:-1]:
+            target = target[p]
+        target[path[-1]] = ODD_VALUES[rng.integers(len(ODD_VALUES))]
+        try:
+            Profile.from_dict(d)
+            counts["built"] += 1
+        except ValueError:
+            counts["refused"] += 1
+        except Exception as exc:  # noqa: BLE001 - counting them is the point
+            counts["other"] += 1
+            failures.append({"case": i, "field": ".".join(map(str, path)), "value": repr(target[path[-1]]),
+                             "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+    return {"cases": cases, "seed": seed, "counts": dict(counts), "failures": failures}
