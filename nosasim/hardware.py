@@ -176,9 +176,11 @@ def _check_ops(ops) -> dict[str, list[dict]]:
             if missing:
                 raise ValueError(f"profile field ops.{op}[{i}]: missing {', '.join(missing)}")
             for f in OP_FIELDS[op]:
-                if type(e[f]) is not int or not 1 <= e[f] <= MAX_SHAPE:
+                v = e[f]
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                        or v != int(v) or not 1 <= v <= MAX_SHAPE:
                     raise ValueError(f"profile field ops.{op}[{i}].{f}: expected an integer in [1, {MAX_SHAPE}], "
-                                     f"got {e[f]!r}")
+                                     f"got {v!r}")
             _positive(f"ops.{op}[{i}].seconds", e["seconds"], MAX_SECONDS)
     return ops
 

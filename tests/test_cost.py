@@ -100,3 +100,24 @@ def test_selection_grid_reproduces_its_points_and_interpolates_each_axis():
     # Past the largest measured batch (64) the cost per row stays batch 64's, not the 8 -> 64 trend's.
     assert float(c.grid_time("selection_nosa", 128, 8192)) == pytest.approx(2 * 50e-6, rel=1e-12)
     assert float(c.grid_time("selection_nosa", 96, 32768)) == pytest.approx(1.5 * 250e-6, rel=1e-12)
+
+
+def test_sparse_attention_is_read_off_its_batch_blocks_grid():
+    """Sparse attention (bf16 and fp8 tables) is a (batch, k_blocks) grid: measured points come back exactly (with
+    NOSA's bias bytes in proportion), batches between them interpolate linearly, whatever rate each batch ran at
+    (a batch-64 point slower per byte than batch 96, as the H200's launch rule makes an FP8 pool)."""
+    shape = {"q_heads": 32, "kv_heads": 8, "head_dim": 128}
+    pts = {(32, 64): 108e-6, (64, 64): 226e-6, (96, 64): 262e-6, (64, 32): 120e-6}
+    table = [{"batch": b, **shape, "k_blocks": k, "seconds": t} for (b, k), t in pts.items()]
+    m = load_model("llama3-8b")
+    for kind, dt in (("sparse_attention", "bf16"), ("sparse_attention_fp8", "fp8")):
+        c = CostModel(_profile(**{kind: table}), m, ReplayConfig(variant="nosa", k=64, kv_dtype=dt))
+        assert c.attention_kind == kind
+        kv = 2.0 * c.block.dtype_bytes * m.kv_heads * m.head_dim * 64 * 64  # per sequence, k = 64 blocks
+        qo = 2.0 * m.dtype_bytes * m.q_heads * m.head_dim
+        bias = 4.0 * m.kv_heads * 64
+        scale = lambda b: (b * (kv + qo) + b * bias) / (b * (kv + qo))  # noqa: E731
+        for b in (32, 64, 96):
+            assert c.sparse_attention_time(b) == pytest.approx(pts[(b, 64)] * scale(b), rel=1e-9)
+        assert c.sparse_attention_time(48) == pytest.approx((108e-6 + 226e-6) / 2 * scale(48), rel=1e-9)
+        assert c.sparse_attention_time(192) == pytest.approx(2 * 262e-6 * scale(192), rel=1e-9)  # past: per row
