@@ -46,9 +46,9 @@ _REQUIRED = ("name", "provenance", "gpu_memory_bytes", "hbm_Bps", "matmul_flops"
 _OPTIONAL = ("schema", "device", "reserved_bytes", "ops", "notes", "overlap_slowdown", "hbm_read_Bps")
 
 
-# No rate, size or time in a profile comes near these (an H200 reads 4.8e12 B/s and multiplies 1e15 FLOP/s);
-# values past them are damage, and would overflow or vanish in the cost model's arithmetic.
-MAX_RATE, MAX_SECONDS, MAX_SHAPE = 1e18, 1e4, 1 << 40
+# Values past these are damage: no table time comes near 1e4 s, and a rate or size past 1e100 would overflow or
+# vanish in the cost model's arithmetic (idealised what-if profiles, such as a free 1e30 FLOP/s, stay well inside).
+MAX_RATE, MAX_SECONDS, MAX_SHAPE = 1e100, 1e4, 1 << 40
 
 
 def _positive(where: str, value, hi: float = MAX_RATE) -> float:
