@@ -30,10 +30,11 @@ def predict_run(run: dict, profile: str, traces: dict) -> dict:
     from nosasim.sim import predict, resolve, run_cache
 
     e2e = E2EConfig.from_fields(run)
-    for field in ("measured", "steps"):
-        if field not in run:
-            raise ValueError(f"measurement run {e2e.name!r}: missing field '{field}'")
-    trace = load_source(e2e.source, traces)
+    check_run(run, e2e.name)
+    try:
+        trace = load_source(e2e.source, traces)
+    except TypeError as exc:  # synthesize() given arguments it does not take
+        raise ValueError(f"measurement run {e2e.name!r}: field 'synth': {exc}") from None
     want = run.get("trace_sel_sha256")
     if want and fingerprint(trace) != want:
         raise ValueError(f"run {e2e.name!r}: the trace here is not the one the GPU decoded (sha256 differs)")
@@ -44,6 +45,9 @@ def predict_run(run: dict, profile: str, traces: dict) -> dict:
     pred = predict(trace, cfg, check_memory=False, cache_result=res, resolved=(model, prof))
     # The runtime timed steps [lo, hi) of the assembled batch (after warm-up); compare the same window.
     lo, hi = run["steps"]
+    if hi > len(pred.step_times):
+        raise ValueError(f"measurement run {e2e.name!r}: field 'steps' ends at step {hi}, but the replayed batch has "
+                         f"{len(pred.step_times)} steps (not this trace's measurement)")
     step_s = float(np.median(pred.step_times[lo:hi]))
     meas = float(run["measured"]["median_step_s"])
     pred_loaded = None
@@ -64,10 +68,67 @@ def predict_run(run: dict, profile: str, traces: dict) -> dict:
     }
 
 
-def validate(measurements: str, profile: str) -> dict:
-    data = json.loads(resolve_path(measurements).read_text())
-    if "runs" not in data or not data["runs"]:
+def _number(name: str, field: str, value, low: float, high: float, low_open: bool = False) -> float:
+    """A measured figure: a JSON number (not a bool) that is finite and within [low, high] (``low`` excluded when
+    ``low_open``)."""
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
+            not (low < value if low_open else low <= value) or value > high:
+        bound = f"{'>' if low_open else '>='} {low:g} and <= {high:g}"
+        raise ValueError(f"measurement run {name!r}: field '{field}' must be a finite number {bound}, got {value!r}")
+    return float(value)
+
+
+def check_run(run: dict, name: str) -> None:
+    """Everything the comparison reads from a measured run beyond its configuration (which
+    ``E2EConfig.from_fields`` checks): the timed window, the measured median and the loaded-block counts."""
+    for field in ("measured", "steps"):
+        if field not in run:
+            raise ValueError(f"measurement run {name!r}: missing field '{field}'")
+    steps = run["steps"]
+    if not (isinstance(steps, list) and len(steps) == 2 and all(type(x) is int for x in steps)
+            and 0 <= steps[0] < steps[1]):
+        raise ValueError(f"measurement run {name!r}: field 'steps' must be [first, end) timed steps, two integers "
+                         f"with 0 <= first < end, got {steps!r}")
+    measured = run["measured"]
+    if not isinstance(measured, dict) or "median_step_s" not in measured:
+        raise ValueError(f"measurement run {name!r}: field 'measured' must be an object with 'median_step_s'")
+    # A decode step takes microseconds to seconds; 1e4 s bounds what any measurement here could be.
+    _number(name, "measured.median_step_s", measured["median_step_s"], 0.0, 1e4, low_open=True)
+    loaded = run.get("loaded_blocks_per_step")
+    if loaded is not None:
+        if not isinstance(loaded, list):
+            raise ValueError(f"measurement run {name!r}: field 'loaded_blocks_per_step' must be a list of counts")
+        for i, x in enumerate(loaded):
+            _number(name, f"loaded_blocks_per_step[{i}]", x, 0.0, 1e15)
+    sha = run.get("trace_sel_sha256")
+    if sha is not None and not isinstance(sha, str):
+        raise ValueError(f"measurement run {name!r}: field 'trace_sel_sha256' must be a hex string, got {sha!r}")
+
+
+def read_measurements(measurements: str) -> dict:
+    """The measurement file as a JSON object with a non-empty list of run objects; ValueError otherwise."""
+    path = resolve_path(measurements)
+    try:
+        data = json.loads(path.read_bytes())
+    except OSError as exc:
+        raise ValueError(f"{measurements}: cannot read the measurement file ({exc.strerror or exc})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise ValueError(f"{measurements}: not valid JSON ({type(exc).__name__}: {str(exc)[:100]})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{measurements}: must be a JSON object with field 'runs', got {type(data).__name__}")
+    runs = data.get("runs")
+    if not isinstance(runs, list) or not runs:
         raise ValueError(f"{measurements}: missing field 'runs' (a non-empty list of measured configurations)")
+    for i, run in enumerate(runs):
+        if not isinstance(run, dict):
+            raise ValueError(f"{measurements}: field 'runs[{i}]' must be an object, got {type(run).__name__}")
+    return data
+
+
+def validate(measurements: str, profile: str) -> dict:
+    data = read_measurements(measurements)
     traces: dict = {}
     rows = [predict_run(run, profile if not profile.endswith(".json") else str(resolve_path(profile)), traces)
             for run in data["runs"]]
@@ -99,7 +160,8 @@ def to_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(report: dict, path: Path) -> None:
+def plot(report: dict) -> bytes:
+    """The predicted-against-measured scatter as PNG bytes."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -122,12 +184,10 @@ def plot(report: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     import io
 
-    from nosasim.atomic import atomic_write
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
     plt.close(fig)
-    atomic_write(path, buf.getvalue())
+    return buf.getvalue()
 
 
 def main(argv=None) -> int:
@@ -145,9 +205,16 @@ def main(argv=None) -> int:
     stem = Path(args.measurements).stem.replace("e2e-", "validation-")
     from nosasim.atomic import atomic_write
 
-    atomic_write(out / f"{stem}.json", json.dumps(report, indent=1).encode())
-    atomic_write(out / f"{stem}.md", to_markdown(report).encode())
-    plot(report, out / f"{stem}.png")
+    # Everything is rendered before anything is written, so a failure leaves no report without its plot.
+    files = {f"{stem}.json": json.dumps(report, indent=1).encode(), f"{stem}.md": to_markdown(report).encode(),
+             f"{stem}.png": plot(report)}
+    try:
+        for name, data in files.items():
+            atomic_write(out / name, data)
+    except OSError as exc:
+        print(f"validate: error: --out {args.out}: cannot write {exc.filename or name} ({exc.strerror or exc})",
+              file=sys.stderr)
+        return 1
     print(to_markdown(report))
     return 0
 

@@ -6,17 +6,27 @@ report or result behind, and every output gets the same (umask-based, shareable)
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 
+def _make_folder(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as exc:  # a file stands where a folder of the path must be; say so, not "File exists"
+        raise NotADirectoryError(errno.ENOTDIR, "exists and is not a folder", exc.filename) from None
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = ".tmp"):
     """Yield a temporary path beside ``path``; on a clean exit it replaces ``path``, on an error it is deleted."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():  # else the rename at the end fails, naming the temporary file
+        raise IsADirectoryError(errno.EISDIR, "is a folder; the output needs a file name", str(path))
+    _make_folder(path.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nosasim.cli import main
-from nosasim.trace import ModelShape, SelectionParams, Trace, TraceReader, read_trace, write_trace
+from nosasim.trace import ModelShape, SelectionParams, Trace, TraceError, TraceReader, read_trace, write_trace
 from nosasim.trace.synth import synthesize
 
 
@@ -275,6 +275,7 @@ INVARIANTS = {
     "huge head_dim": (header_edit(lambda d: d["model"].update(head_dim=2 ** 31)), "'model.head_dim' must be <="),
     "odd dtype_bytes": (header_edit(lambda d: d["model"].update(dtype_bytes=2 ** 31)), "'model.dtype_bytes'"),
     "header nested deep": (_deep_header, "not valid JSON"),
+    "NaN in the header": (header_edit(lambda d: d["provenance"].update(x=float("nan"))), "NaN is not a JSON value"),
     "n_blocks against context": (header_edit(lambda d: d.update(n_blocks=d["n_blocks"] + 1)), "spans"),
     "uint64 member": (lambda n, d: npy_bytes(np.load(io.BytesIO(d)).astype(np.uint64)) if n == "sel_addlo_00000.npy"
                       else d, "dtype uint64, expected uint8"),
@@ -301,7 +302,7 @@ def test_corrupt_files_raise_named_errors(tmp_path, name):
     bad = tmp_path / "bad.nosatrace"
     change, message = CORRUPTIONS[name]
     rewrite(src, bad, change)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(TraceError, match=message):  # the one error class of a bad trace
         read_trace(bad)
 
 
@@ -316,6 +317,20 @@ def test_damaged_zip_directory_is_a_value_error(tmp_path):
     path.write_bytes(bytes(raw))
     with pytest.raises(ValueError, match="corrupt"):
         read_trace(path)
+
+
+def test_a_member_stored_twice_is_refused(tmp_path):
+    import warnings
+
+    src, bad = tmp_path / "good.nosatrace", tmp_path / "bad.nosatrace"
+    write_trace(src, small_trace())
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(bad, "w") as zout, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # zipfile warns of the duplicate name: the point here
+        for info in zin.infolist():
+            zout.writestr(info.filename, zin.read(info.filename))
+        zout.writestr("context_len.npy", zin.read("context_len.npy"))
+    with pytest.raises(TraceError, match="stored more than once"):
+        read_trace(bad)
 
 
 def test_folders_and_fifos_are_not_traces(tmp_path):
@@ -337,3 +352,96 @@ def test_writer_refuses_what_the_reader_would():
         Trace.from_arrays(sel, np.array([[200], [201]]), model=ModelShape(1, 1, 64),
                           selection=SelectionParams("import", __import__("nosasim").contract.Budget(1, None, 0, 0)),
                           k=2)
+
+
+@pytest.mark.parametrize("field,value", [("sink_blocks", 3), ("window_blocks", 7)])
+def test_header_budget_must_match_the_selections(tmp_path, field, value):
+    """The budget forces blocks into every selection; a header whose budget the selections do not honour would be
+    replayed as if they had been made with it."""
+    src, bad = tmp_path / "good.nosatrace", tmp_path / "bad.nosatrace"
+    write_trace(src, synthesize("infllmv2", 1, 2, 2, 20, 10, 3000, seed=3, window=4))
+    read_trace(src)
+    rewrite(src, bad, header_edit(lambda d: d["selection"].update({field: value})))
+    with pytest.raises(ValueError, match=f"lacks a block its budget forces .*selection.{field}={value}"):
+        read_trace(bad)
+
+
+def test_forced_blocks_are_checked_where_they_exist():
+    """Sink and window force only complete blocks: a selection with fewer complete blocks than the budget forces
+    holds them all and reads; one that drops a forced block is refused by the writer as by the reader."""
+    from nosasim.contract import Budget
+
+    params = SelectionParams("infllmv2", Budget(6, None, 2, 3))  # forced: blocks 0, 1 and the last 2 complete
+    ctx = np.array([[9, 10, 17, 33]])  # one step of four sequences, block 4: 2, 2, 4 and 8 complete blocks
+    sel = np.full((1, 1, 1, 4, 6), -1)
+    sel[0, 0, 0, 0, :2] = [0, 1]
+    sel[0, 0, 0, 1, :2] = [0, 1]
+    sel[0, 0, 0, 2, :4] = [0, 1, 2, 3]
+    sel[0, 0, 0, 3, :5] = [0, 1, 4, 6, 7]
+    t = Trace.from_arrays(sel, ctx, block_size=4, model=ModelShape(1, 1, 64), selection=params)
+    assert t.sel[0, 0, 0, 3, :5].tolist() == [0, 1, 4, 6, 7]
+    for seq, drop in ((0, 1), (2, 2), (3, 0), (3, 3)):  # sink block, window block, sink block, window block
+        bad = sel.copy()
+        row = [i for i in bad[0, 0, 0, seq] if i >= 0 and i != bad[0, 0, 0, seq, drop]]
+        bad[0, 0, 0, seq] = row + [-1] * (6 - len(row))
+        with pytest.raises(ValueError, match=f"step 0, layer 0, head 0, seq {seq} lacks a block"):
+            Trace.from_arrays(bad, ctx, block_size=4, model=ModelShape(1, 1, 64), selection=params)
+
+
+def test_writer_refuses_a_header_json_cannot_hold(tmp_path):
+    """A NaN in the provenance would be written as Python's NaN extension, which the reader refuses."""
+    t = small_trace()
+    t.header = t.header.replace(provenance={"x": float("nan")})
+    with pytest.raises(TraceError, match="'provenance' holds a NaN"):
+        write_trace(tmp_path / "t.nosatrace", t)
+    assert not list(tmp_path.iterdir())
+
+
+def test_same_trace_gives_the_same_bytes(tmp_path, monkeypatch):
+    """Zip entries carry a fixed timestamp, so writing one trace a day later gives an identical file."""
+    import time
+
+    trace = small_trace()
+    write_trace(tmp_path / "a.nosatrace", trace)
+    later = time.time() + 86400
+    monkeypatch.setattr(time, "time", lambda: later)
+    write_trace(tmp_path / "b.nosatrace", trace)
+    assert (tmp_path / "a.nosatrace").read_bytes() == (tmp_path / "b.nosatrace").read_bytes()
+
+
+def test_output_os_errors_are_one_line(tmp_path, capsys):
+    """A path the machine cannot write (a file where a folder must be, a folder where the file must be) is one
+    line and exit 1, not a traceback, and leaves nothing behind."""
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "folder").mkdir()
+    synth = ["trace", "synth", "--kind", "random", "--layers", "1", "--heads", "1", "--steps", "2", "--k", "4",
+             "--context", "2000", "-o"]
+    for out, message in ((tmp_path / "afile" / "t.nosatrace", "afile: exists and is not a folder"),
+                         (tmp_path / "folder", "folder: is a folder; the output needs a file name")):
+        assert main(synth + [str(out)]) == 1
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "folder"]
+    assert not list((tmp_path / "folder").iterdir())
+
+
+@pytest.mark.parametrize("part", ["addlo", "del"])
+def test_deltas_out_of_order_are_refused(tmp_path, part):
+    """Added ids and removed positions are stored ascending within a row and step; two swapped (as a damaged byte
+    can leave them) decode to a selection but are refused as corrupt."""
+    src, bad = tmp_path / "good.nosatrace", tmp_path / "bad.nosatrace"
+    write_trace(src, synthesize("infllmv2", 1, 2, 2, 20, 10, 3000, seed=3, window=4))
+    with zipfile.ZipFile(src) as z:
+        counts = np.load(io.BytesIO(z.read(f"sel_n{part[:3]}_00000.npy"))).reshape(-1)
+    at = int(np.cumsum(counts)[np.argmax(counts >= 2)] - counts[np.argmax(counts >= 2)])  # a group of two or more
+
+    def swap(name, data):
+        if name != f"sel_{part}_00000.npy":
+            return data
+        arr = np.load(io.BytesIO(data))
+        arr[[at, at + 1]] = arr[[at + 1, at]]
+        return npy_bytes(arr)
+
+    rewrite(src, bad, swap)
+    with pytest.raises(TraceError, match="not ascending within a row and step"):
+        read_trace(bad)

@@ -73,6 +73,69 @@ def test_bad_measurement_file_is_named(tmp_path):
         validate(str(tampered), PROFILE)
 
 
+def _one_run(edit):
+    data = json.loads((ROOT / RUN).read_text())
+    data["runs"] = data["runs"][:1]
+    edit(data)
+    return data
+
+
+# Each breaks one thing the comparison reads from a measurement file; before these checks each was a traceback or
+# (a NaN or negative median, a timed window past the batch) a report with nonsense errors.
+BAD_MEASUREMENTS = {
+    "not an object": (lambda d: d.clear() or d.update(runs=[1]), "'runs\\[0\\]' must be an object"),
+    "median NaN": (lambda d: d["runs"][0]["measured"].update(median_step_s=float("nan")), "median_step_s"),
+    "median negative": (lambda d: d["runs"][0]["measured"].update(median_step_s=-1e-3), "median_step_s"),
+    "median a string": (lambda d: d["runs"][0]["measured"].update(median_step_s="6 ms"), "median_step_s"),
+    "median a bool": (lambda d: d["runs"][0]["measured"].update(median_step_s=True), "median_step_s"),
+    "measured not an object": (lambda d: d["runs"][0].update(measured=0.0067), "'measured' must be an object"),
+    "steps reversed": (lambda d: d["runs"][0].update(steps=[74, 10]), "'steps' must be"),
+    "steps floats": (lambda d: d["runs"][0].update(steps=[10.0, 74.0]), "'steps' must be"),
+    "steps past the batch": (lambda d: d["runs"][0].update(steps=[10, 100000]), "ends at step 100000"),
+    "loaded blocks negative": (lambda d: d["runs"][0].update(loaded_blocks_per_step=[3.0, -1]),
+                               r"loaded_blocks_per_step\[1\]"),
+    "loaded blocks not a list": (lambda d: d["runs"][0].update(loaded_blocks_per_step=7),
+                                 "'loaded_blocks_per_step' must be a list"),
+    "sha not a string": (lambda d: d["runs"][0].update(trace_sel_sha256=5), "'trace_sel_sha256'"),
+    "synth with unknown argument": (lambda d: d["runs"][0].update(trace=None, synth={"kind": "nosa", "bogus": 1}),
+                                    "field 'synth'"),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_MEASUREMENTS))
+def test_bad_measurement_values_are_named(tmp_path, name):
+    edit, message = BAD_MEASUREMENTS[name]
+    path = tmp_path / "e2e-bad.json"
+    path.write_text(json.dumps(_one_run(edit)))
+    with pytest.raises(ValueError, match=message):
+        validate(str(path), PROFILE)
+
+
+def test_unreadable_measurement_files_are_one_line_errors(tmp_path, capsys):
+    from analysis.validate import main
+
+    (tmp_path / "e2e-broken.json").write_text('{"runs": [')
+    (tmp_path / "e2e-list.json").write_text("[]")
+    for name, message in (("e2e-missing.json", "cannot read"), ("e2e-broken.json", "not valid JSON"),
+                          ("e2e-list.json", "must be a JSON object")):
+        assert main([str(tmp_path / name), "--profile", PROFILE, "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_validate_report_into_a_file_is_a_one_line_error(tmp_path, capsys):
+    """An output folder that cannot be made gives one line, exit 1, and no report beside it."""
+    from analysis.validate import main
+
+    good = tmp_path / "e2e-one.json"
+    good.write_text(json.dumps(_one_run(lambda d: None)))
+    (tmp_path / "afile").write_text("x")
+    assert main([str(good), "--profile", PROFILE, "--out", str(tmp_path / "afile" / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "cannot write" in err and err.count("\n") == 1
+
+
 # The H200 (this repository's fourth runtime: fused per-token, table-plan, one-launch gather and attention kernels).
 # run1: with the fused one-launch selection kernel; run2: with the three-launch selection, the default since (the
 # fused kernel measured 2.5x slower at 64K-128K). Each against the profile calibrated on that runtime.

@@ -39,6 +39,17 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input is the user's to fix: one clear line, no traceback.
         print(f"nosasim {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        # The machine refused a read or write (an output folder that is a file, a full disk, no permission): also
+        # one line; every output is written atomically, so nothing half-written is left behind.
+        print(f"nosasim {args.command}: error: {os_error(exc)}", file=sys.stderr)
+        return 1
+
+
+def os_error(exc: OSError) -> str:
+    """One line for an OSError: the path it concerns and the system's reason."""
+    where = f"{exc.filename}: " if exc.filename else ""
+    return f"{where}{exc.strerror or exc}"
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .header import TraceError
+
 
 def to_bitmap(sel: np.ndarray, n_blocks: int) -> np.ndarray:
     """``sel [R, k]`` (-1 padded ids) -> ``bool [R, n_blocks]`` membership."""
@@ -24,7 +26,7 @@ def from_bitmap(bm: np.ndarray, k: int) -> np.ndarray:
     rows, cols = np.nonzero(bm)  # row-major: ids come out sorted within each row
     counts = bm.sum(axis=1)
     if counts.size and counts.max(initial=0) > k:
-        raise ValueError(f"selection holds {int(counts.max())} blocks, more than k={k}")
+        raise TraceError(f"selection holds {int(counts.max())} blocks, more than k={k}")
     starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
     out = np.full((bm.shape[0], k), -1, dtype=np.int16)
     out[rows, np.arange(rows.size) - starts[rows]] = cols
@@ -68,23 +70,29 @@ def decode_chunk(parts: dict[str, np.ndarray], n: int, rows: int, k: int, n_bloc
     """Inverse of :func:`encode_chunk`; ``where`` names the chunk in error messages."""
     key, nadd, ndel, dele = (parts[x] for x in ("key", "nadd", "ndel", "del"))
     if key.shape != (rows, k):
-        raise ValueError(f"{where}: array 'key' has shape {key.shape}, expected {(rows, k)}")
+        raise TraceError(f"{where}: array 'key' has shape {key.shape}, expected {(rows, k)}")
     for name, arr in (("nadd", nadd), ("ndel", ndel)):
         if arr.shape != (n - 1, rows):
-            raise ValueError(f"{where}: array '{name}' has shape {arr.shape}, expected {(n - 1, rows)}")
+            raise TraceError(f"{where}: array '{name}' has shape {arr.shape}, expected {(n - 1, rows)}")
     total_add = int(nadd.sum())
     if parts["addlo"].shape != (total_add,) or parts["addhi"].shape != (total_add,) or dele.shape != (int(ndel.sum()),):
-        raise ValueError(f"{where}: delta arrays do not match their counts (truncated or corrupt)")
+        raise TraceError(f"{where}: delta arrays do not match their counts (truncated or corrupt)")
     add = parts["addlo"].astype(np.intp) | (parts["addhi"].astype(np.intp) << 8)
     if key.max(initial=-1) >= n_blocks or add.max(initial=0) >= n_blocks or dele.max(initial=0) >= k:
-        raise ValueError(f"{where}: block id >= n_blocks={n_blocks} or position >= k={k} (corrupt)")
+        raise TraceError(f"{where}: block id >= n_blocks={n_blocks} or position >= k={k} (corrupt)")
     if (key < -1).any():
-        raise ValueError(f"{where}: array 'key' has negative ids other than the -1 padding")
+        raise TraceError(f"{where}: array 'key' has negative ids other than the -1 padding")
+    # Within one row and step, added ids and removed positions are stored ascending (encode_chunk writes them so):
+    # a redundancy that catches many damaged bytes which would otherwise decode to another valid selection.
+    for name, vals, counts in (("addlo/addhi", add, nadd), ("del", dele, ndel)):
+        group = np.repeat(np.arange(counts.size), counts.reshape(-1))
+        if ((group[1:] == group[:-1]) & (vals[1:] <= vals[:-1])).any():
+            raise TraceError(f"{where}: array 'sel_{name}' is not ascending within a row and step (corrupt)")
     out = np.empty((n, rows, k), dtype=np.int16)
     out[0] = key
     bm = to_bitmap(key, n_blocks)
     if int(bm.sum()) != int((key >= 0).sum()):
-        raise ValueError(f"{where}: duplicate block ids in one selection of the keyframe")
+        raise TraceError(f"{where}: duplicate block ids in one selection of the keyframe")
     ia = idl = 0
     row_ids = np.arange(rows)
     for s in range(1, n):
@@ -94,7 +102,7 @@ def decode_chunk(parts: dict[str, np.ndarray], n: int, rows: int, k: int, n_bloc
         ia, idl = ia + ra.size, idl + rd.size
         # A delta that removes a padding slot or adds a present block cannot come from encode_chunk.
         if (d < 0).any() or bm[ra, a].any():
-            raise ValueError(f"{where}: step {s} of the chunk removes an absent or adds a present block (corrupt)")
+            raise TraceError(f"{where}: step {s} of the chunk removes an absent or adds a present block (corrupt)")
         bm[rd, d] = False
         bm[ra, a] = True
         out[s] = from_bitmap(bm, k)

@@ -1,10 +1,15 @@
-"""Seeded mutation fuzzing of trace files: every damaged or hand-edited trace must read as a valid trace or be refused
-with a ``ValueError``; nothing else (another exception, a hang, a huge allocation) is acceptable.
+"""Seeded mutation fuzzing of trace files: every damaged or hand-edited trace must read as a valid trace or be
+refused with a :class:`~nosasim.trace.TraceError` (a ``ValueError``); nothing else (another exception, a hang, a huge
+allocation) is acceptable.
 
-Each case takes a valid trace file, applies one mutation of one category and reads the result with
-:func:`nosasim.trace.read_trace`:
+Each case takes a valid trace file, applies one mutation of one category, reads the result with
+:func:`nosasim.trace.read_trace` and judges it with :func:`nosasim.trace.oracle.violation` (an independent reading of
+the format's rules); the two must agree:
 
 - ``header``: one header field (found by walking the JSON) set to a value of another type or an extreme one;
+- ``nudge``: one integer of the header moved to a plausible wrong value (one more, one less, doubled, halved, 0);
+- ``context``: ``context_len`` shifted against the header and the selections (all, one sequence, one entry) or
+  reversed;
 - ``member``: one array member replaced by one of another dtype or shape, or with extreme values (negative, huge,
   NaN, infinite);
 - ``bytes``: bytes of one inflated member flipped;
@@ -27,9 +32,10 @@ from collections import Counter
 
 import numpy as np
 
+from .header import TraceError
 from .io import read_trace, write_trace
 
-CATEGORIES = ("header", "member", "bytes", "container", "drop")
+CATEGORIES = ("header", "nudge", "context", "member", "bytes", "container", "drop")
 ODD_VALUES = (None, True, False, 1.5, -1, 0, 2 ** 31, 2 ** 63, 10 ** 9, -(2 ** 40), "x", "", [], [1, 2], {},
               {"a": 1}, float("nan"), 1e308)
 
@@ -79,6 +85,44 @@ def _mutate_header(rng, members):
     path = _set_odd(rng, d)
     members["header.json"] = json.dumps(d).encode()
     return f"header {'.'.join(map(str, path))}"
+
+
+def _get(obj, path):
+    for p in path:
+        obj = obj[p]
+    return obj
+
+
+def _mutate_nudge(rng, members):
+    """One integer of the header (outside the free-form provenance) moved to a plausible wrong value: these keep
+    every type right, so only the fields' consistency with each other and with the arrays can catch them."""
+    d = json.loads(members["header.json"])
+    paths = [p for p in _paths(d) if p[0] != "provenance" and type(_get(d, p)) is int]
+    path = paths[rng.integers(len(paths))]
+    v = _get(d, path)
+    new = (v + 1, v - 1, 2 * v, v // 2, 0, v + 64)[rng.integers(6)]
+    new = v + 1 if new == v else new
+    _get(d, path[:-1])[path[-1]] = new
+    members["header.json"] = json.dumps(d).encode()
+    return f"nudge {'.'.join(map(str, path))} {v} -> {new}"
+
+
+def _mutate_context(rng, members):
+    """``context_len`` shifted against the header and the selections (all of it, one sequence, or one entry)."""
+    name = "context_len.npy"
+    ctx = np.lib.format.read_array(io.BytesIO(members[name]), allow_pickle=False).copy()
+    how = rng.integers(4)
+    shift = int((1, -1, 7, 64, -64, 640)[rng.integers(6)])
+    if how == 0:
+        ctx += shift
+    elif how == 1:
+        ctx[:, rng.integers(ctx.shape[1])] += shift
+    elif how == 2:
+        ctx[rng.integers(ctx.shape[0]), rng.integers(ctx.shape[1])] += shift
+    else:
+        ctx = ctx[::-1].copy()
+    members[name] = _npy(ctx)
+    return f"context ({how}, {shift})"
 
 
 def _mutate_member(rng, members):
@@ -147,8 +191,8 @@ def _mutate(rng, src, dst, category):
             g.write(f.read())
         return _mutate_container(rng, dst)
     members = _members(src)
-    what = {"header": _mutate_header, "member": _mutate_member, "bytes": _mutate_bytes,
-            "drop": _mutate_drop}[category](rng, members)
+    what = {"header": _mutate_header, "nudge": _mutate_nudge, "context": _mutate_context, "member": _mutate_member,
+            "bytes": _mutate_bytes, "drop": _mutate_drop}[category](rng, members)
     _write(dst, members)
     return what
 
@@ -182,33 +226,65 @@ def make_sources(folder: str, real: str | None = None) -> list[str]:
     return out
 
 
+def _same(a, b) -> bool:
+    """Whether two read traces are the same trace (header, selections, context, scores; NaN equal to NaN)."""
+    if a.header.to_dict() != b.header.to_dict():
+        return False
+    for name in ("sel", "context_len", "agnostic_score", "qaware_score", "attn_mass"):
+        x, y = getattr(a, name), getattr(b, name)
+        if (x is None) != (y is None) or (x is not None and not np.array_equal(x, y, equal_nan=x.dtype.kind == "f")):
+            return False
+    return True
+
+
 def run(sources: list[str], cases: int, seed: int = 0, slow_s: float = 10.0) -> dict:
     """``cases`` mutations spread over ``sources`` and the categories; outcome counts and the failures.
 
-    Outcomes: ``refused`` (a ValueError), ``read`` (a valid trace), ``other`` (any other exception: a failure) and
-    ``slow`` (a read past ``slow_s``: a failure)."""
+    Every mutated file is judged twice: by :func:`nosasim.trace.read_trace` and by
+    :func:`nosasim.trace.oracle.violation`, a second reading of docs/trace-format.md written apart from the reader.
+    Outcomes: ``refused`` (both find it invalid), ``unchanged`` (both accept it and it reads as its source: the
+    mutation changed nothing that matters, e.g. the provenance), ``read`` (both accept it and it is another valid
+    trace). Failures: ``accepted invalid`` (the reader accepts what the oracle refuses), ``refused valid`` (the
+    reader refuses what the oracle accepts), ``other`` (any other exception, a plain ValueError included) and ``slow`` (a read
+    past ``slow_s``)."""
+    from .oracle import violation
+
     rng = np.random.default_rng(seed)
     counts: dict[str, Counter] = {c: Counter() for c in CATEGORIES}
     failures = []
+    originals = {src: read_trace(src) for src in sources}
     with tempfile.TemporaryDirectory() as tmp:
         dst = os.path.join(tmp, "mutated.nosatrace")
         for i in range(cases):
             category = CATEGORIES[i % len(CATEGORIES)]
             src = sources[(i // len(CATEGORIES)) % len(sources)]
             what = mutate(rng, src, dst, category)
+            case = {"case": i, "category": category, "mutation": what, "source": os.path.basename(src)}
             t0 = time.perf_counter()
+            error = trace = None
             try:
-                read_trace(dst)
-                outcome = "read"
-            except ValueError:
-                outcome = "refused"
+                trace = read_trace(dst)
+            except TraceError as exc:  # the one documented error; a plain ValueError is a failure like any other
+                error = str(exc)
             except Exception as exc:  # noqa: BLE001 - counting them is the point
-                outcome = "other"
-                failures.append({"case": i, "category": category, "mutation": what, "source": os.path.basename(src),
-                                 "error": f"{type(exc).__name__}: {str(exc)[:200]}"})
+                failures.append(dict(case, outcome="other", error=f"{type(exc).__name__}: {str(exc)[:200]}"))
+                counts[category]["other"] += 1
+                continue
             if time.perf_counter() - t0 > slow_s:
-                failures.append({"case": i, "category": category, "mutation": what, "error": "slow"})
-                outcome = "slow"
+                failures.append(dict(case, outcome="slow"))
+                counts[category]["slow"] += 1
+                continue
+            verdict = violation(dst)
+            if trace is not None and verdict is not None:
+                outcome = "accepted invalid"
+                failures.append(dict(case, outcome=outcome, oracle=verdict[:200]))
+            elif trace is None and verdict is None:
+                outcome = "refused valid"
+                failures.append(dict(case, outcome=outcome, error=error[:200]))
+            elif trace is None:
+                outcome = "refused"
+            else:
+                outcome = "unchanged" if _same(trace, originals[src]) else "read"
             counts[category][outcome] += 1
     return {"cases": cases, "seed": seed, "counts": {c: dict(v) for c, v in counts.items()}, "failures": failures}
 

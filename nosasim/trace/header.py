@@ -18,11 +18,16 @@ METHODS = ("random", "infllmv2", "nosa", "import", "recorded", "reselect")
 OPTIONAL_ARRAYS = ("agnostic_score", "qaware_score", "attn_mass")
 
 
+class TraceError(ValueError):
+    """A trace that breaks the format (docs/trace-format.md): the message names the member or field, what was
+    expected and what was found. A ``ValueError``, so callers that catch bad input in general catch it too."""
+
+
 def _req(d: dict, key: str, where: str) -> Any:
     if not isinstance(d, dict):
-        raise ValueError(f"trace header: field '{where}' must be a JSON object, got {type(d).__name__}")
+        raise TraceError(f"trace header: field '{where}' must be a JSON object, got {type(d).__name__}")
     if key not in d:
-        raise ValueError(f"trace header: missing field '{where}.{key}'" if where else f"trace header: missing field '{key}'")
+        raise TraceError(f"trace header: missing field '{where}.{key}'" if where else f"trace header: missing field '{key}'")
     return d[key]
 
 
@@ -38,12 +43,12 @@ DTYPE_BYTES = (1, 2, 4)
 
 def _int(value: Any, name: str, minimum: int = 0) -> int:
     if type(value) is not int:  # bool and float (1.0) are not integers here
-        raise ValueError(f"trace header: field '{name}' must be an integer, got {value!r}")
+        raise TraceError(f"trace header: field '{name}' must be an integer, got {value!r}")
     if value < minimum:
-        raise ValueError(f"trace header: field '{name}' must be >= {minimum}, got {value}")
+        raise TraceError(f"trace header: field '{name}' must be >= {minimum}, got {value}")
     top = LIMITS.get(name)
     if top is not None and value > top:
-        raise ValueError(f"trace header: field '{name}' must be <= {top} (the format's limit), got {value}")
+        raise TraceError(f"trace header: field '{name}' must be <= {top} (the format's limit), got {value}")
     return value
 
 
@@ -64,14 +69,14 @@ class ModelShape:
         _int(self.head_dim, "model.head_dim", 1)
         _int(self.dtype_bytes, "model.dtype_bytes", 1)
         if self.dtype_bytes not in DTYPE_BYTES:
-            raise ValueError(f"trace header: field 'model.dtype_bytes' must be one of {DTYPE_BYTES}, got "
+            raise TraceError(f"trace header: field 'model.dtype_bytes' must be one of {DTYPE_BYTES}, got "
                              f"{self.dtype_bytes}")
         if not isinstance(self.name, str):
-            raise ValueError(f"trace header: field 'model.name' must be a string, got {self.name!r}")
+            raise TraceError(f"trace header: field 'model.name' must be a string, got {self.name!r}")
         if self.q_heads is not None:
             _int(self.q_heads, "model.q_heads", 1)
             if self.q_heads % self.kv_heads:
-                raise ValueError(
+                raise TraceError(
                     f"trace header: field 'model.q_heads' ({self.q_heads}) must be a multiple of "
                     f"model.kv_heads ({self.kv_heads})"
                 )
@@ -109,9 +114,9 @@ class SelectionParams:
 
     def __post_init__(self):
         if self.method not in METHODS:
-            raise ValueError(f"trace header: field 'selection.method' must be one of {METHODS}, got {self.method!r}")
+            raise TraceError(f"trace header: field 'selection.method' must be one of {METHODS}, got {self.method!r}")
         if not isinstance(self.budget, Budget):
-            raise ValueError(f"trace header: field 'selection': expected a Budget, got {type(self.budget).__name__}")
+            raise TraceError(f"trace header: field 'selection': expected a Budget, got {type(self.budget).__name__}")
 
     @property
     def k(self) -> int:
@@ -139,7 +144,7 @@ class SelectionParams:
             budget = Budget(**fields_)
         except ValueError as exc:
             name = str(exc).split(" ", 1)[0].rstrip(":")  # Budget's messages start with the field's name
-            raise ValueError(f"trace header: field 'selection.{_FILE_FIELDS.get(name, name)}': {exc}") from None
+            raise TraceError(f"trace header: field 'selection.{_FILE_FIELDS.get(name, name)}': {exc}") from None
         return cls(method=_req(d, "method", "selection"), budget=budget)
 
 
@@ -167,15 +172,15 @@ class TraceHeader:
         _int(self.n_blocks, "n_blocks", 1)
         _int(self.chunk_steps, "chunk_steps", 1)
         if self.k != self.selection.k:
-            raise ValueError(f"trace header: field 'k' ({self.k}) must equal field 'selection.k' "
+            raise TraceError(f"trace header: field 'k' ({self.k}) must equal field 'selection.k' "
                              f"({self.selection.k}): a selection holds at most k blocks")
         if self.version != FORMAT_VERSION or type(self.version) is not int:
-            raise ValueError(f"trace header: field 'version' must be {FORMAT_VERSION}, got {self.version!r}")
+            raise TraceError(f"trace header: field 'version' must be {FORMAT_VERSION}, got {self.version!r}")
         for name in self.arrays:
             if name not in OPTIONAL_ARRAYS:
-                raise ValueError(f"trace header: field 'arrays' has unknown array {name!r}; known: {OPTIONAL_ARRAYS}")
+                raise TraceError(f"trace header: field 'arrays' has unknown array {name!r}; known: {OPTIONAL_ARRAYS}")
         if not isinstance(self.provenance, dict):
-            raise ValueError("trace header: field 'provenance' must be a JSON object")
+            raise TraceError("trace header: field 'provenance' must be a JSON object")
 
     @property
     def n_chunks(self) -> int:
@@ -206,18 +211,18 @@ class TraceHeader:
     @classmethod
     def from_dict(cls, d: dict) -> "TraceHeader":
         if not isinstance(d, dict):
-            raise ValueError("trace header: must be a JSON object")
+            raise TraceError("trace header: must be a JSON object")
         if d.get("format") != FORMAT_NAME:
-            raise ValueError(f"trace header: field 'format' must be {FORMAT_NAME!r}, got {d.get('format')!r}")
+            raise TraceError(f"trace header: field 'format' must be {FORMAT_NAME!r}, got {d.get('format')!r}")
         if "version" not in d:
-            raise ValueError("trace header: missing field 'version'")
+            raise TraceError("trace header: missing field 'version'")
         if type(d["version"]) is not int or d["version"] != FORMAT_VERSION:
-            raise ValueError(
+            raise TraceError(
                 f"trace header: field 'version' is {d['version']!r}; this nosasim reads version {FORMAT_VERSION}"
             )
         arrays = _req(d, "arrays", "")
         if not isinstance(arrays, list):
-            raise ValueError("trace header: field 'arrays' must be a list")
+            raise TraceError("trace header: field 'arrays' must be a list")
         return cls(
             block_size=_req(d, "block_size", ""),
             model=ModelShape.from_dict(_req(d, "model", "")),

@@ -17,8 +17,8 @@ import numpy as np
 
 from ..atomic import atomic_path
 from .codec import count_dtype, decode_chunk, encode_chunk
-from .header import TraceHeader
-from .model import Trace, check_context_len, check_selection, tails_of
+from .header import TraceError, TraceHeader
+from .model import Trace, check_context_len, check_forced, check_selection, tails_of
 
 STEP_ARRAYS = ("qaware_score", "attn_mass")
 SEL_PARTS = ("key", "nadd", "ndel", "del", "addlo", "addhi")
@@ -30,8 +30,16 @@ def member(name: str, chunk: int | None = None) -> str:
     return f"{name}.npy" if chunk is None else f"{name}_{chunk:05d}.npy"
 
 
+def _entry(name: str) -> zipfile.ZipInfo:
+    """A member's zip entry with a fixed timestamp: the same trace gives the same bytes, whenever it is written."""
+    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+    info.compress_type = zipfile.ZIP_DEFLATED
+    info.external_attr = 0o644 << 16
+    return info
+
+
 def _write_npy(zf: zipfile.ZipFile, name: str, arr: np.ndarray) -> None:
-    with zf.open(name, "w", force_zip64=True) as f:
+    with zf.open(_entry(name), "w", force_zip64=True) as f:
         np.lib.format.write_array(f, np.ascontiguousarray(arr), allow_pickle=False)
 
 
@@ -45,10 +53,15 @@ def write_trace(path: str | os.PathLike, trace: Trace, chunk_steps: int | None =
     if chunk_steps is not None:
         header = header.replace(chunk_steps=chunk_steps)
     if trace.step0 != 0 or header.steps != trace.steps:
-        raise ValueError("write_trace needs a whole trace, not a step range of one")
+        raise TraceError("write_trace needs a whole trace, not a step range of one")
+    try:
+        text = json.dumps(header.to_dict(), indent=1, allow_nan=False)
+    except ValueError:  # NaN or infinity, which JSON cannot hold (the reader refuses Python's extension)
+        raise TraceError("trace header: field 'provenance' holds a NaN or infinite number, which JSON cannot "
+                         "hold") from None
     with atomic_path(path) as tmp:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=6) as zf:
-            zf.writestr("header.json", json.dumps(header.to_dict(), indent=1))
+            zf.writestr(_entry("header.json"), text)
             _write_npy(zf, member("context_len"), trace.context_len.astype(np.int32))
             if trace.agnostic_score is not None:
                 _write_npy(zf, member("agnostic_score"), trace.agnostic_score.astype(np.float32))
@@ -65,36 +78,45 @@ def write_trace(path: str | os.PathLike, trace: Trace, chunk_steps: int | None =
     return os.path.getsize(path)
 
 
+def _not_json(name: str):
+    """Python's json reads NaN and Infinity, which are not JSON: a header holding them is refused."""
+    raise json.JSONDecodeError(f"{name} is not a JSON value", name, 0)
+
+
 class TraceReader:
     """Opens a trace file, checks its header, and decodes step ranges on demand."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
         if not os.path.exists(self.path):
-            raise ValueError(f"trace file {self.path!r} does not exist")
+            raise TraceError(f"trace file {self.path!r} does not exist")
         if not os.path.isfile(self.path):  # a folder, a FIFO or a device: never opened (a FIFO would block)
-            raise ValueError(f"trace file {self.path!r} is not a regular file")
+            raise TraceError(f"trace file {self.path!r} is not a regular file")
         try:
             self._zf = zipfile.ZipFile(self.path)
         except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, ValueError, NotImplementedError,
                 RuntimeError) as exc:
-            raise ValueError(f"trace file {self.path!r} is truncated or corrupt (not a readable zip: {exc})") from None
-        self._names = set(self._zf.namelist())
+            raise TraceError(f"trace file {self.path!r} is truncated or corrupt (not a readable zip: {exc})") from None
+        names = self._zf.namelist()
+        self._names = set(names)
+        if len(self._names) != len(names):  # which copy of a twice-stored member counts is anybody's guess
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise TraceError(f"trace file {self.path!r}: member(s) {twice[:3]} stored more than once (corrupt)")
         if "header.json" not in self._names:
-            raise ValueError(f"trace file {self.path!r}: missing field 'header' (header.json)")
+            raise TraceError(f"trace file {self.path!r}: missing field 'header' (header.json)")
         if self._zf.getinfo("header.json").file_size > MAX_HEADER_BYTES:
-            raise ValueError(f"trace file {self.path!r}: header.json is larger than {MAX_HEADER_BYTES} bytes (corrupt)")
+            raise TraceError(f"trace file {self.path!r}: header.json is larger than {MAX_HEADER_BYTES} bytes (corrupt)")
         try:
-            raw = json.loads(self._read_bytes("header.json"))
+            raw = json.loads(self._read_bytes("header.json"), parse_constant=_not_json)
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-            raise ValueError(f"trace file {self.path!r}: header.json is not valid JSON "
+            raise TraceError(f"trace file {self.path!r}: header.json is not valid JSON "
                              f"({type(exc).__name__}: {str(exc)[:100]})") from None
         self.header = TraceHeader.from_dict(raw)
         h = self.header
         # Every member must be one the header declares: an array left out of 'arrays' would be silently ignored.
         per_chunk = len(SEL_PARTS) + sum(name in h.arrays for name in STEP_ARRAYS)
         if h.n_chunks * per_chunk > len(self._names):  # before building any per-chunk list (steps may be huge)
-            raise ValueError(f"trace file {self.path!r}: the header declares {h.n_chunks} chunks of "
+            raise TraceError(f"trace file {self.path!r}: the header declares {h.n_chunks} chunks of "
                              f"{h.chunk_steps} steps ({h.n_chunks * per_chunk} chunk members); the file holds "
                              f"{len(self._names)} members (truncated or corrupt)")
         want = {"header.json", member("context_len")} | ({member("agnostic_score")} if "agnostic_score" in h.arrays
@@ -104,13 +126,13 @@ class TraceReader:
             want |= {member(name, c) for name in STEP_ARRAYS if name in h.arrays}
         extra = sorted(self._names - want)
         if extra:
-            raise ValueError(f"trace file {self.path!r}: member(s) {extra[:3]} not declared by the header (its "
+            raise TraceError(f"trace file {self.path!r}: member(s) {extra[:3]} not declared by the header (its "
                              f"'arrays' field and {h.n_chunks} chunks of {h.chunk_steps} steps)")
         self.context_len = self._array("context_len", None, np.int32, (h.steps, h.seqs))
         check_context_len(self.context_len)
         want = int(tails_of(self.context_len.max(), h.block_size)) + 1
         if h.n_blocks != want:
-            raise ValueError(f"trace file {self.path!r}: field 'n_blocks' is {h.n_blocks}, but the longest "
+            raise TraceError(f"trace file {self.path!r}: field 'n_blocks' is {h.n_blocks}, but the longest "
                              f"context ({int(self.context_len.max())} tokens of {h.block_size}) spans {want} blocks")
         self.agnostic_score = None
         if "agnostic_score" in h.arrays:
@@ -135,7 +157,7 @@ class TraceReader:
             return self._zf.read(name)
         except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, zlib_error, ValueError,
                 NotImplementedError, RuntimeError) as exc:
-            raise ValueError(f"trace file {self.path!r}: member {name!r} is truncated or corrupt ({exc})") from None
+            raise TraceError(f"trace file {self.path!r}: member {name!r} is truncated or corrupt ({exc})") from None
 
     def _array(self, name: str, chunk: int | None, dtype, shape: tuple | None, max_items: int | None = None
                ) -> np.ndarray:
@@ -145,25 +167,25 @@ class TraceReader:
         mname = member(name, chunk)
         field_ = mname[:-4]
         if mname not in self._names:
-            raise ValueError(f"trace file {self.path!r}: missing field '{field_}'")
+            raise TraceError(f"trace file {self.path!r}: missing field '{field_}'")
         dtype = np.dtype(dtype)
         items = int(np.prod(shape, dtype=object)) if shape is not None else int(max_items)
         size = self._zf.getinfo(mname).file_size
         if size > items * dtype.itemsize + NPY_HEADER_BYTES:
-            raise ValueError(f"trace file {self.path!r}: field '{field_}' inflates to {size} bytes, more than its "
+            raise TraceError(f"trace file {self.path!r}: field '{field_}' inflates to {size} bytes, more than its "
                              f"{items} {dtype} items can take (corrupt)")
         data = self._read_bytes(mname)
         try:
             arr = np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
         except Exception as exc:  # noqa: BLE001 - numpy's parser of a damaged .npy header raises many types
-            raise ValueError(f"trace file {self.path!r}: field '{field_}' is corrupt "
+            raise TraceError(f"trace file {self.path!r}: field '{field_}' is corrupt "
                              f"({type(exc).__name__}: {str(exc)[:100]})") from None
         if arr.dtype != dtype:
-            raise ValueError(f"trace file {self.path!r}: field '{field_}' has dtype {arr.dtype}, expected {dtype}")
+            raise TraceError(f"trace file {self.path!r}: field '{field_}' has dtype {arr.dtype}, expected {dtype}")
         if shape is not None and arr.shape != shape:
-            raise ValueError(f"trace file {self.path!r}: field '{field_}' has shape {arr.shape}, expected {shape}")
+            raise TraceError(f"trace file {self.path!r}: field '{field_}' has shape {arr.shape}, expected {shape}")
         if shape is None and arr.ndim != 1:
-            raise ValueError(f"trace file {self.path!r}: field '{field_}' must be flat, got shape {arr.shape}")
+            raise TraceError(f"trace file {self.path!r}: field '{field_}' must be flat, got shape {arr.shape}")
         return arr
 
     def read(self, start: int = 0, stop: int | None = None) -> Trace:
@@ -200,6 +222,8 @@ class TraceReader:
         sel = np.concatenate(parts).reshape(stop - start, h.model.layers, h.model.kv_heads, h.seqs, h.k)
         ctx = self.context_len[start:stop]
         check_selection(sel, ctx, h.block_size, h.k, step0=start)
+        b = h.selection.budget
+        check_forced(sel, ctx, h.block_size, b.sink, b.window, step0=start)
         return Trace(
             header=h, sel=sel, context_len=ctx, agnostic_score=self.agnostic_score,
             qaware_score=np.concatenate(extra["qaware_score"]) if "qaware_score" in extra else None,
@@ -229,12 +253,12 @@ def _check_scores(arr: np.ndarray, first_missing, where: str) -> None:
     if not at.size:
         return
     if np.isinf(flat[at]).any():
-        raise ValueError(f"{where}: scores must be finite (NaN only where a block does not exist), found infinity")
+        raise TraceError(f"{where}: scores must be finite (NaN only where a block does not exist), found infinity")
     idx = np.unravel_index(at, arr.shape)
     bad = idx[-1] < first_missing(idx)
     if bad.any():
         at = tuple(int(i[np.argmax(bad)]) for i in idx)
-        raise ValueError(f"{where}: NaN score at index {at}, a block that exists (scores must be finite there)")
+        raise TraceError(f"{where}: NaN score at index {at}, a block that exists (scores must be finite there)")
 
 
 def read_trace(path: str | os.PathLike, start: int = 0, stop: int | None = None) -> Trace:
