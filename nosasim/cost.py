@@ -101,6 +101,9 @@ BATCH_TABLES = ("layer_glue", "attend_glue")
 # over the roofline would read a batch-48 step off the wrong batches' points.
 GRID_TABLES = ("selection", "selection_nosa", "dense_attention", "sparse_attention_walk", "sparse_attention",
                "sparse_attention_fp8")
+# Grid tables of a part of a kernel (the walk of an empty split-attention pass), whose bytes and FLOPs no roofline
+# gives: on another model's shape they are not used at all.
+NO_ROOFLINE = ("sparse_attention_walk",)
 # The grid's second axis where it is not the context.
 GRID_SECOND = {"sparse_attention_walk": "k_blocks", "sparse_attention": "k_blocks", "sparse_attention_fp8": "k_blocks"}
 
@@ -137,6 +140,8 @@ class CostModel:
                 if rows:
                     self._grids[kind] = {b: (np.array([c for c, _ in sorted(p)]), np.array([t for _, t in sorted(p)]))
                                          for b, p in sorted(rows.items())}
+                    continue
+                if kind in NO_ROOFLINE:  # measured on other shapes only: the model goes without this table
                     continue
             if kind in BATCH_TABLES:
                 # Only entries measured on this model's shape apply: glue cost scales with widths, not FLOPs.

@@ -121,3 +121,21 @@ def test_sparse_attention_is_read_off_its_batch_blocks_grid():
             assert c.sparse_attention_time(b) == pytest.approx(pts[(b, 64)] * scale(b), rel=1e-9)
         assert c.sparse_attention_time(48) == pytest.approx((108e-6 + 226e-6) / 2 * scale(48), rel=1e-9)
         assert c.sparse_attention_time(192) == pytest.approx(2 * 262e-6 * scale(192), rel=1e-9)  # past: per row
+
+
+@pytest.mark.parametrize("profile", sorted(p.stem for p in PROFILE_DIR.glob("*.json")))
+def test_every_bundled_profile_costs_every_preset_model(profile):
+    """Tables measured on one model's shape must not break another model's costs: the H200 profile's walk table
+    (llama3-8b only, no roofline of its own) once made every other model's replay a RuntimeError."""
+    from nosasim.models import presets
+
+    for name in presets():
+        model = load_model(name)
+        for variant, extra in (("dense", {}), ("infllmv2", {"k": 32}), ("nosa", {"k": 32, "split_attention": True})):
+            cfg = ReplayConfig(profile=profile, model=name, variant=variant, batch=4, **extra)
+            cost = CostModel(load_profile(profile), model, cfg)
+            t = cost.sparse_attention_time(4) if variant != "dense" else cost.gemm(4, model.hidden, model.hidden)
+            assert np.all(np.isfinite(t)) and np.all(np.asarray(t) > 0), (profile, name, variant)
+            if variant == "nosa":
+                before, after = cost.attention_split(4, np.full(3, 40.0), np.full(3, 8.0))
+                assert np.all(before > 0) and np.all(after > 0)
