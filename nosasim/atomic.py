@@ -1,7 +1,9 @@
 """Atomic file output: write under a temporary name in the target's folder, rename into place when complete.
 
 Every writer in the project goes through here, so a failed or interrupted write never leaves a half-written trace,
-report or result behind, and every output gets the same (umask-based, shareable) file mode.
+report or result behind, and every output gets the same (umask-based, shareable) file mode. A temporary name carries
+its writer's host and process id; a writer killed outright (no clean-up runs) leaves its temporary file, and the
+next write of the same output on that host deletes it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,40 @@ def _make_folder(folder: Path) -> None:
         raise NotADirectoryError(errno.ENOTDIR, "exists and is not a folder", exc.filename) from None
 
 
+def _owner() -> str:
+    """Who writes a temporary file: host and process, so a later writer can tell a dead writer's leftovers from a
+    live writer's work in progress."""
+    import socket
+
+    return f"{socket.gethostname().replace('.', '_')}-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def _clear_leftovers(path: Path, suffix: str) -> None:
+    """Delete the temporary files (or folders) of earlier writers of ``path`` on this host whose process has died
+    (killed mid-write: SIGKILL runs no clean-up). Another host's, or a live process's, are left alone."""
+    import shutil
+
+    host = _owner().rsplit("-", 1)[0]
+    try:
+        leftovers = list(path.parent.glob(f".{path.name}.{host}-*{suffix}"))
+    except OSError:
+        return
+    for tmp in leftovers:
+        pid = tmp.name[len(f".{path.name}.{host}-"):].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = ".tmp"):
     """Yield a temporary path beside ``path``; on a clean exit it replaces ``path``, on an error it is deleted."""
@@ -27,7 +63,8 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp"):
     if path.is_dir():  # else the rename at the end fails, naming the temporary file
         raise IsADirectoryError(errno.EISDIR, "is a folder; the output needs a file name", str(path))
     _make_folder(path.parent)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    _clear_leftovers(path, suffix)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{_owner()}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
         yield tmp
@@ -60,7 +97,9 @@ def atomic_folder(path: str | os.PathLike):
         raise ValueError(f"--out: {str(path)!r} exists and is not a folder")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+        _clear_leftovers(path, ".tmp")
+        _clear_leftovers(path, ".old")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{_owner()}.", suffix=".tmp", dir=path.parent))
     except OSError as exc:
         raise ValueError(f"--out: cannot create a folder beside {str(path)!r} ({exc.strerror or exc})") from None
     try:
@@ -71,7 +110,7 @@ def atomic_folder(path: str | os.PathLike):
         for _ in range(100):  # another writer may move a folder into place between our two renames
             old = None
             if path.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.{_owner()}.", suffix=".old", dir=path.parent))
                 try:
                     os.replace(path, old / "x")
                 except FileNotFoundError:

@@ -1,4 +1,5 @@
-"""Plots of sweeps and comparisons (matplotlib, Agg backend: no display needed), written atomically as PNG."""
+"""Plots of sweeps and comparisons (matplotlib, Agg backend: no display needed), written atomically as PNG, PDF or
+SVG (by the file's suffix)."""
 
 from __future__ import annotations
 
@@ -20,11 +21,25 @@ def _figure():
     return plt
 
 
+# The formats a plot is written in, by the file's suffix; dates are left out so the same plot gives the same file.
+FORMATS = {".png": {}, ".pdf": {"CreationDate": None}, ".svg": {"Date": None}}
+
+
+def plot_format(path: str | Path, option: str = "--plot") -> str:
+    """The format of a plot file from its suffix; ValueError naming ``option`` for any other."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in FORMATS:
+        raise ValueError(f"{option}: {str(path)!r} must end in one of {', '.join(FORMATS)} (the format is taken from "
+                         f"the suffix), got {suffix or 'no suffix'!r}")
+    return suffix[1:]
+
+
 def _save(fig, path: str | Path) -> None:
     from nosasim.atomic import atomic_write
 
+    fmt = plot_format(path)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    fig.savefig(buf, format=fmt, dpi=120, bbox_inches="tight", metadata=FORMATS["." + fmt])
     atomic_write(path, buf.getvalue())
 
 

@@ -86,6 +86,10 @@ def reselect(trace: Trace, budget: Budget, agnostic: np.ndarray | None = None,
     """
     if trace.qaware_score is None:
         raise ValueError("reselect needs a score trace: field 'qaware_score' is missing from this trace")
+    if budget.k > trace.n_blocks:
+        # Every block is already selected at k = n_blocks; more only sizes caches for blocks that never exist.
+        raise ValueError(f"--k: {budget.k} blocks is more than the trace's longest context holds ({trace.n_blocks} "
+                         f"blocks of {trace.block_size} tokens, the tail included); use k <= {trace.n_blocks}")
     agn = trace.agnostic_score if agnostic is None else np.asarray(agnostic, dtype=np.float32)
     nosa = budget.agnostic
     if nosa and agn is None:

@@ -86,11 +86,23 @@ def test_recall_is_one_at_k_all_blocks(tmp_path):
     tr = score_trace()
     src, out = tmp_path / "s.nosatrace", tmp_path / "r.nosatrace"
     write_trace(src, tr)
-    assert run_cli(src, "--k", tr.n_blocks + 1, "--window", 3, "-o", out) == 0
+    assert run_cli(src, "--k", tr.n_blocks, "--window", 3, "-o", out) == 0  # k counts the tail: every block
     re = read_trace(out)
     assert re.header.selection.method == "infllmv2"
     np.testing.assert_array_equal(recall(re), 1.0)
     assert (recall(tr) < 1).any()
+
+
+def test_k_beyond_the_trace_is_refused(tmp_path, capsys):
+    """A k past every block selects nothing more and only sizes caches for blocks that never exist: refused by
+    reselect, and by replay (which re-selects), with one line naming the largest k."""
+    tr = score_trace()
+    src, out = tmp_path / "s.nosatrace", tmp_path / "r.nosatrace"
+    write_trace(src, tr)
+    assert run_cli(src, "--k", tr.n_blocks + 1, "--window", 3, "-o", out) == 2
+    assert f"use k <= {tr.n_blocks}" in capsys.readouterr().err and not out.exists()
+    assert main(["replay", str(src), "--model", "smollm2-135m", "--batch", "2", "--k", str(tr.n_blocks + 1)]) == 2
+    assert f"use k <= {tr.n_blocks}" in capsys.readouterr().err
 
 
 def test_agnostic_score_by_name_from_the_sidecar(tmp_path, capsys):

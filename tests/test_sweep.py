@@ -91,8 +91,20 @@ def test_compare_command(trace_path, tmp_path, capsys):
                  "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out) == {"dense", "infllmv2", "nosa"}
+    assert all(v["provenance"]["trace"] == str(trace_path) for v in out.values())
     assert out["dense"]["hit_rate"] is None and out["nosa"]["hit_rate"] > out["infllmv2"]["hit_rate"]
     assert png.stat().st_size > 1000
+
+
+def test_compare_plot_format_follows_the_suffix(trace_path, tmp_path, capsys):
+    """A .pdf gets PDF bytes (it once got PNG bytes); a suffix no format has is refused before any work."""
+    args = ["compare", str(trace_path), "--model", "smollm2-135m", "--batch", "4", "--json", "--plot"]
+    assert main(args + [str(tmp_path / "c.pdf")]) == 0
+    assert (tmp_path / "c.pdf").read_bytes()[:5] == b"%PDF-"
+    assert main(args + [str(tmp_path / "c.jpeg")]) == 2
+    err = capsys.readouterr().err
+    assert "--plot" in err and "must end in one of .png, .pdf, .svg" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pdf"]
 
 
 def test_parallel_sweep_equals_serial(trace_path):

@@ -195,6 +195,9 @@ def test_import_cli_rejects_bad_input_without_output(tmp_path, capsys):
     np.savez(tmp_path / "nosel.npz", context_len=np.array([300]))
     assert main(["trace", "import", str(tmp_path / "nosel.npz"), "-o", str(out)]) == 2
     assert "missing array 'sel'" in capsys.readouterr().err
+    np.save(tmp_path / "plain.npy", sel)  # a lone array, not an archive (np.load once returned it bare)
+    assert main(["trace", "import", str(tmp_path / "plain.npy"), "-o", str(out)]) == 2
+    assert "is a single .npy array" in capsys.readouterr().err and not out.exists()
 
 
 def test_import_cli_round_trip(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 
@@ -21,6 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
             "PCIe links, HBM and compute; predict decode step time, throughput and memory."
         ),
     )
+    from nosasim import __version__
+
+    parser.add_argument("--version", action="version", version=f"nosasim {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     package = importlib.import_module(__name__)
@@ -39,6 +43,15 @@ def main(argv: list[str] | None = None) -> int:
         # Bad input is the user's to fix: one clear line, no traceback.
         print(f"nosasim {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader of our output went away (`nosasim ... | head`): not an error of ours. Point stdout at
+        # /dev/null so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        # Ctrl-C: outputs are written atomically, so nothing half-written is left; say so in one line.
+        print(f"nosasim {args.command}: interrupted; no output was written unless reported above", file=sys.stderr)
+        return 130
     except OSError as exc:
         # The machine refused a read or write (an output folder that is a file, a full disk, no permission): also
         # one line; every output is written atomically, so nothing half-written is left behind.

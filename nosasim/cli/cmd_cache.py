@@ -82,7 +82,9 @@ def run(args) -> int:
     result = simulate_cache(args.file, policy=args.policy, capacity=args.capacity, progress=args.progress)
     summary = result.to_json()
     if args.json:
-        json.dump(summary, sys.stdout)
+        from nosasim.provenance import provenance
+
+        json.dump(dict(summary, provenance=provenance(args.file)), sys.stdout)
         sys.stdout.write("\n")
     else:
         print(format_table(summary))

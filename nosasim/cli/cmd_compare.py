@@ -10,7 +10,7 @@ import dataclasses
 import json
 import sys
 
-from nosasim.cli.cmd_replay import gib, load_trace
+from nosasim.cli.cmd_replay import default_trace, gib, load_trace
 from nosasim.models import ReplayConfig
 
 
@@ -48,13 +48,17 @@ def compare(trace, profile: str, model: str | None, batch: int, k: int, k_q: int
 
 
 def _run(args) -> int:
-    from nosasim.plot import plot_compare
+    from nosasim.plot import plot_compare, plot_format
 
+    plot_format(args.plot)  # before any work: a plot it cannot write is refused at once
     trace = load_trace(args.trace)
     results = compare(trace, args.profile, args.model, args.batch, args.k, args.kq, args.policy, args.capacity,
                       args.microbatches)
     if args.json:
-        json.dump({v: dict(p.to_json(), note=n) for v, p, n in results}, sys.stdout, indent=1)
+        from nosasim.provenance import provenance
+
+        prov = provenance(args.trace or default_trace(), results[0][1].config["profile"])
+        json.dump({v: dict(p.to_json(), note=n, provenance=prov) for v, p, n in results}, sys.stdout, indent=1)
         print()
     else:
         first = results[0][1].config
@@ -88,6 +92,6 @@ def register(subparsers) -> None:
     p.add_argument("--capacity", type=int, default=None, help="cache slots per row (default k - 1)")
     p.add_argument("--policy", default="prev", help="cache policy (default prev, NOSI's rule)")
     p.add_argument("--microbatches", type=int, default=1, help="micro-batches (default 1)")
-    p.add_argument("--plot", default="nosasim-compare.png", help="PNG to write (default nosasim-compare.png)")
+    p.add_argument("--plot", default="nosasim-compare.png", help="plot to write, PNG, PDF or SVG by its suffix (default nosasim-compare.png)")
     p.add_argument("--json", action="store_true", help="print one JSON object per variant")
     p.set_defaults(func=_run)

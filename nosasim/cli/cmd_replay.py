@@ -122,10 +122,13 @@ def _floor_terms(f: dict) -> str:
 def _run(args) -> int:
     from nosasim.sim import predict
 
+    from nosasim.provenance import provenance
+
     trace = load_trace(args.trace)
     pred = predict(trace, config_from_args(args), method=args.method)
     if args.json:
-        json.dump(pred.to_json(), sys.stdout, indent=1)
+        out = dict(pred.to_json(), provenance=provenance(args.trace or default_trace(), pred.config["profile"]))
+        json.dump(out, sys.stdout, indent=1)
         print()
     else:
         print(format_prediction(pred))

@@ -26,6 +26,9 @@ def import_npz(path: str, block_size: int = 64, head_dim: int = 128, dtype_bytes
         z = np.load(path, allow_pickle=False)
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
         raise ValueError(f"input file {path!r} is not a readable .npz ({exc})") from None
+    if not isinstance(z, np.lib.npyio.NpzFile):  # np.load reads a plain .npy as one array, without names
+        raise ValueError(f"input file {path!r} is a single .npy array; expected an .npz archive with arrays 'sel' "
+                         f"and 'context_len' (np.savez(path, sel=..., context_len=...))")
     with z:
         for field in ("sel", "context_len"):
             if field not in z.files:
