@@ -43,31 +43,61 @@ def _save(fig, path: str | Path) -> None:
     atomic_write(path, buf.getvalue())
 
 
+# Sweep points: the colour is the cache policy, the marker the variant, the size the batch; Belady's points are
+# hollow (an offline bound, never on the front).
+_POLICY_COLORS = {"dense": "#8c8c8c", "prev": "#4c72b0", "lru": "#dd8452", "lfu": "#55a868", "static": "#8172b3",
+                  "belady": "#c44e52"}
+_VARIANT_MARKERS = {"dense": "s", "infllmv2": "^", "nosa": "o", "trace": "D"}
+
+
+def _policy(r: dict) -> str:
+    return "dense" if r["variant"] == "dense" else r["policy"]
+
+
 def plot_sweep(rows: list[dict], front: list[dict], path: str | Path, title: str = "",
                recall_front: list[dict] | None = None) -> None:
-    """Tokens/s against GPU memory for every fitting point, coloured by policy, with the Pareto front; on a score
-    trace (rows carry ``recall``) a second panel shows tokens/s against attention-mass recall and its front."""
+    """Tokens/s against GPU memory for every fitting point, with the Pareto front of the online configurations
+    (each front point labelled with its capacity and batch); on a score trace (rows carry ``recall``) a second panel
+    shows tokens/s against attention-mass recall and its front. Colour: policy; marker: variant; size: batch."""
+    from matplotlib.lines import Line2D
+
     plt = _figure()
     with_recall = recall_front is not None and any(r.get("recall") is not None for r in rows)
-    fig, axes = plt.subplots(1, 2 if with_recall else 1, figsize=(12 if with_recall else 7, 4.5), squeeze=False)
+    fig, axes = plt.subplots(1, 2 if with_recall else 1, figsize=(13 if with_recall else 8, 5), squeeze=False)
     fits = [r for r in rows if r["fits"]]
+    batches = [r["batch"] for r in fits] or [1]
+    lo, hi = min(batches), max(batches)
+    size = (lambda b: 36.0) if lo == hi else (lambda b: 12.0 + 60.0 * (b - lo) / (hi - lo))
     panels = [(axes[0][0], "gpu_memory_bytes", 2**30, "GPU memory (GiB)", front)]
     if with_recall:
         panels.append((axes[0][1], "recall", 1.0, "attention-mass recall (mean)", recall_front))
     for ax, key, scale, label, pts_front in panels:
-        for policy in sorted({r["policy"] if r["variant"] != "dense" else "dense" for r in fits}):
-            pts = [r for r in fits if (r["policy"] if r["variant"] != "dense" else "dense") == policy
-                   and r.get(key) is not None]
-            ax.scatter([r[key] / scale for r in pts], [r["tokens_per_s"] for r in pts], s=14, alpha=0.6,
-                       label=policy)
+        for (variant, policy) in sorted({(r["variant"], _policy(r)) for r in fits}):
+            pts = [r for r in fits if r["variant"] == variant and _policy(r) == policy and r.get(key) is not None]
+            color = _POLICY_COLORS.get(policy, "black")
+            ax.scatter([r[key] / scale for r in pts], [r["tokens_per_s"] for r in pts],
+                       s=[size(r["batch"]) for r in pts], marker=_VARIANT_MARKERS.get(variant, "x"), alpha=0.7,
+                       facecolors="none" if policy == "belady" else color, edgecolors=color)
         if pts_front:
-            ax.plot([r[key] / scale for r in pts_front], [r["tokens_per_s"] for r in pts_front], "k-o", ms=4,
-                    lw=1.2, label="Pareto front")
+            ax.plot([r[key] / scale for r in pts_front], [r["tokens_per_s"] for r in pts_front], "k-", lw=1.0)
+            for r in pts_front:
+                what = "dense" if r["variant"] == "dense" else f"{r['variant']} C={r['capacity']}"
+                ax.annotate(f"{what} b={r['batch']}", (r[key] / scale, r["tokens_per_s"]), fontsize=6,
+                            xytext=(3, 3), textcoords="offset points")
         ax.set_xlabel(label)
         ax.set_ylabel("predicted tokens/s")
         ax.ticklabel_format(axis="x", useOffset=False)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    present = {(r["variant"], _policy(r)) for r in fits}
+    handles = [Line2D([], [], ls="", marker=_VARIANT_MARKERS.get(v, "x"), color="grey", label=v)
+               for v in sorted({v for v, _ in present})]
+    handles += [Line2D([], [], ls="", marker="o", label=p + (" (offline bound)" if p == "belady" else ""),
+                       markerfacecolor="none" if p == "belady" else _POLICY_COLORS.get(p, "black"),
+                       markeredgecolor=_POLICY_COLORS.get(p, "black")) for p in sorted({p for _, p in present} - {"dense"})]
+    handles.append(Line2D([], [], color="k", lw=1.0, label="Pareto front (online policies)"))
+    if lo != hi:
+        handles.append(Line2D([], [], ls="", label=f"marker size: batch {lo}-{hi}"))
+    axes[0][-1].legend(handles=handles, fontsize=7, loc="best")
     fig.suptitle(title or "sweep: throughput vs GPU memory")
     _save(fig, path)
     plt.close(fig)

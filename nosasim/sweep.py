@@ -18,6 +18,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from nosasim.atomic import atomic_write
+from nosasim.contract import ONLINE_POLICIES
 from nosasim.cost import CLASSES
 from nosasim.memory import usable_bytes
 from nosasim.models import ReplayConfig
@@ -160,10 +161,16 @@ def run_sweep(trace_path: str, cfgs: list[ReplayConfig], workers: int = 1, progr
     return rows
 
 
+def online(row: dict) -> bool:
+    """Whether a point's cache policy can run online (Belady's needs the future: it is a bound, not a choice)."""
+    return row["variant"] == "dense" or row["policy"] in ONLINE_POLICIES
+
+
 def pareto(rows: list[dict], x: str = "gpu_memory_bytes", y: str = "tokens_per_s", minimize_x: bool = True) -> list[dict]:
     """Points not dominated in (``x``, ``y``): ``y`` higher is better, ``x`` lower (or higher) is better.
-    Only points that fit and have both values are candidates."""
-    cand = [r for r in rows if r["fits"] and r.get(x) is not None and r.get(y) is not None]
+    Only points that fit, have both values and run online are candidates (Belady's points are plotted as the
+    bound they are, never offered as a configuration)."""
+    cand = [r for r in rows if r["fits"] and r.get(x) is not None and r.get(y) is not None and online(r)]
     cand.sort(key=lambda r: (r[x] if minimize_x else -r[x], -r[y]))
     front, best = [], float("-inf")
     for r in cand:

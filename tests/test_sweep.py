@@ -38,11 +38,15 @@ def test_expand_skips_impossible_and_dedupes_dense():
 
 
 def test_pareto_front():
-    rows = [dict(fits=True, gpu_memory_bytes=m, tokens_per_s=t) for m, t in
+    rows = [dict(fits=True, gpu_memory_bytes=m, tokens_per_s=t, variant="nosa", policy="lru") for m, t in
             [(10, 100), (20, 90), (20, 150), (30, 140), (40, 300), (5, 50)]]
-    rows.append(dict(fits=False, gpu_memory_bytes=1, tokens_per_s=1e9))
+    rows.append(dict(fits=False, gpu_memory_bytes=1, tokens_per_s=1e9, variant="nosa", policy="lru"))
+    # Belady's policy needs the future: a bound to plot, never a configuration on the front.
+    rows.append(dict(fits=True, gpu_memory_bytes=4, tokens_per_s=1e6, variant="nosa", policy="belady"))
+    rows.append(dict(fits=True, gpu_memory_bytes=50, tokens_per_s=400, variant="dense", policy="prev"))
     front = pareto(rows)
-    assert [(r["gpu_memory_bytes"], r["tokens_per_s"]) for r in front] == [(5, 50), (10, 100), (20, 150), (40, 300)]
+    assert [(r["gpu_memory_bytes"], r["tokens_per_s"]) for r in front] == [(5, 50), (10, 100), (20, 150), (40, 300),
+                                                                           (50, 400)]
 
 
 def test_group_shares_one_cache_run_and_reports_recall(trace_path):
