@@ -47,6 +47,11 @@ def assemble_run3(hbm_read_Bps: float) -> dict:
     prof["provenance"] += (f"; calibration call of {cal['env']['date']} (runtime_calibration-h200-run3.json), link "
                            "tables from runtime_gather-h200.json; hbm_read_Bps: the best read rate of "
                            "benchmarks/bench_attention.py's variants")
+    host = RES / "host_memory-h200.json"
+    if host.exists():  # read on the same kind of machine after the calibration call, which did not record it
+        mem = json.loads(host.read_text())
+        prof["host_memory_bytes"] = mem["host_memory_bytes"]
+        prof["provenance"] += f"; host_memory_bytes: physical memory of the lent H200 machine ({mem['date']})"
     Profile.from_dict(prof)
     prof["name"] = "h200-pcie5"
     return prof

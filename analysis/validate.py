@@ -130,8 +130,12 @@ def read_measurements(measurements: str) -> dict:
 def validate(measurements: str, profile: str) -> dict:
     data = read_measurements(measurements)
     traces: dict = {}
-    rows = [predict_run(run, profile if not profile.endswith(".json") else str(resolve_path(profile)), traces)
-            for run in data["runs"]]
+    from tqdm import tqdm
+
+    prof = profile if not profile.endswith(".json") else str(resolve_path(profile))
+    # A bar on a terminal only (disable=None): a 45-configuration file takes minutes.
+    rows = [predict_run(run, prof, traces)
+            for run in tqdm(data["runs"], desc="validate", unit="config", disable=None)]
     errs = [abs(r["error"]) for r in rows]
     return {
         "measurements": measurements, "profile": profile, "device": data.get("device", {}),

@@ -43,7 +43,8 @@ OP_FIELDS: dict[str, tuple[str, ...]] = {
 }
 _REQUIRED = ("name", "provenance", "gpu_memory_bytes", "hbm_Bps", "matmul_flops", "vector_flops", "launch_s",
              "h2d", "d2h")
-_OPTIONAL = ("schema", "device", "reserved_bytes", "ops", "notes", "overlap_slowdown", "hbm_read_Bps")
+_OPTIONAL = ("schema", "device", "reserved_bytes", "ops", "notes", "overlap_slowdown", "hbm_read_Bps",
+             "host_memory_bytes")
 
 
 # Values past these are damage: no table time comes near 1e4 s, and a rate or size past 1e100 would overflow or
@@ -207,6 +208,8 @@ class Profile:
     # The fastest HBM read rate a kernel reached in isolation (reads alone outrun a copy's mix of reads and
     # writes): the floor's HBM peak when higher than ``hbm_Bps``. 0 when not measured.
     hbm_read_Bps: float = 0.0
+    # The host's memory, which holds every offloaded sequence's whole KV history (pinned): 0 when not known.
+    host_memory_bytes: float = 0.0
 
     @property
     def hbm_peak_Bps(self) -> float:
@@ -241,6 +244,8 @@ class Profile:
             d2h=_transfer("d2h", d["d2h"], ops.get("writeback_d2h")),
             ops=ops, device=_text("device", d.get("device", "")), overlap_slowdown=slow,
             hbm_read_Bps=_positive("hbm_read_Bps", d["hbm_read_Bps"]) if "hbm_read_Bps" in d else 0.0,
+            host_memory_bytes=_positive("host_memory_bytes", d["host_memory_bytes"])
+            if "host_memory_bytes" in d else 0.0,
         )
 
     def scaled(self, *, pcie: float = 1.0, hbm: float = 1.0, flops: float = 1.0) -> "Profile":

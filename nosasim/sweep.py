@@ -27,7 +27,7 @@ GRID_FIELDS = ("variant", "k", "k_q", "capacity", "policy", "batch", "microbatch
 COLUMNS = ("variant", "k", "k_q", "capacity", "policy", "batch", "microbatches", "split_attention", "kv_dtype",
            "fits", "step_time_s",
            "floor_s", "x_floor", "tokens_per_s", "hit_rate", "h2d_bytes_per_step", "transfer_share", "gpu_memory_bytes", "max_batch",
-           "recall", *(f"t_{c}" for c in CLASSES))
+           "host_kv_bytes", "host_fits", "recall", *(f"t_{c}" for c in CLASSES))
 
 
 def expand(base: ReplayConfig, grid: dict[str, list]) -> tuple[list[ReplayConfig], int]:
@@ -112,7 +112,8 @@ def run_group(cfgs: list[ReplayConfig], trace=None) -> list[dict]:
                    floor_s=pred.floor_s, x_floor=pred.x_floor,
                    tokens_per_s=pred.tokens_per_s, hit_rate=pred.hit_rate, h2d_bytes_per_step=pred.h2d_bytes_per_step,
                    transfer_share=pred.transfer_share, gpu_memory_bytes=pred.gpu_memory_bytes,
-                   max_batch=pred.max_batch, recall=recall)
+                   max_batch=pred.max_batch, host_kv_bytes=pred.host_kv_bytes, host_fits=pred.host_fits,
+                   recall=recall)
         row.update({f"t_{c}": v for c, v in pred.breakdown.items()})
         rows.append(row)
     return rows

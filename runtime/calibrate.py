@@ -343,6 +343,7 @@ def build_profile(name: str, cal: dict, gather: dict, overlap: dict | None = Non
                        "isolated operator microbenchmarks, CUDA-event medians; link tables from "
                        "benchmarks/bench_gather.py (best kernel variant) in runtime chunk terms"),
         "gpu_memory_bytes": total, "reserved_bytes": cal.get("reserved_bytes", 0),
+        "host_memory_bytes": env["host_memory_bytes"],
         "hbm_Bps": c["hbm_Bps"], "matmul_flops": c["matmul_flops"], "vector_flops": c["vector_flops"],
         "launch_s": c["launch_s"], "h2d": h2d, "d2h": d2h,
         "ops": {"gemm": [{k: e[k] for k in ("m", "n", "k", "seconds")} for e in cal["gemm"]],

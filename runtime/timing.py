@@ -62,10 +62,18 @@ def hbm_copy_peak(device="cuda", nbytes: int = 1 << 30) -> float:
     return rate
 
 
+def host_memory_bytes() -> int:
+    """The host's physical memory: where every offloaded sequence's KV history lives (pinned)."""
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def environment() -> dict:
     """Device, driver and library versions plus the date: stored with every result."""
     env = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-           "torch": torch.__version__, "python": platform.python_version(), "host": platform.node()}
+           "torch": torch.__version__, "python": platform.python_version(), "host": platform.node(),
+           "host_memory_bytes": host_memory_bytes()}
     for mod in ("triton", "cupy", "numpy", "transformers"):
         try:
             env[mod] = __import__(mod).__version__

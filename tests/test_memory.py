@@ -60,3 +60,46 @@ def test_batch_that_does_not_fit_reports_footprint():
     check_fits(p, MODEL, DENSE, b, 16384)
     with pytest.raises(ValueError, match=rf"kv_cache .* largest batch that fits is {b}"):
         check_fits(p, MODEL, DENSE, b + 1, 16384)
+
+
+def test_host_memory_is_reported_and_a_batch_past_it_flagged():
+    """A profile that gives its host memory: replay reports the batch's pinned KV beside it and flags a batch whose
+    sequences' histories do not fit (at 8K a llama3-8b sequence holds 1 GiB of KV); dense keeps nothing there."""
+    import dataclasses
+    import json
+
+    from nosasim.hardware import PROFILE_DIR, Profile
+    from nosasim.models import ReplayConfig
+    from nosasim.sim import host_fits
+
+    d = json.loads((PROFILE_DIR / "h200-pcie5.json").read_text())
+    d["host_memory_bytes"] = 8 * 2**30
+    prof = Profile.from_dict(d)
+    nosa = ReplayConfig(model="llama3-8b", variant="nosa", k=64, batch=4)
+    assert host_fits(prof, nosa, 4 * 2**30) is True and host_fits(prof, nosa, 9 * 2**30) is False
+    assert host_fits(prof, dataclasses.replace(nosa, variant="dense", k=None, k_q=None, capacity=None),
+                     9 * 2**30) is None
+    assert host_fits(dataclasses.replace(prof, host_memory_bytes=0.0), nosa, 9 * 2**30) is None  # not known
+    for bad in (-1, "128 GiB", True):
+        d["host_memory_bytes"] = bad
+        with pytest.raises(ValueError, match="host_memory_bytes"):
+            Profile.from_dict(d)
+
+
+def test_replay_prints_host_memory(tmp_path, capsys):
+    import json
+
+    from nosasim.cli import main
+    from nosasim.hardware import PROFILE_DIR
+
+    d = json.loads((PROFILE_DIR / "h200-pcie5.json").read_text())
+    d["host_memory_bytes"] = 2 * 2**30
+    path = tmp_path / "small-host.json"
+    path.write_text(json.dumps(d))
+    trace = str(PROFILE_DIR.parents[1] / "traces" / "samples" / "smollm2-argparse-8k.nosatrace")
+    assert main(["replay", trace, "--profile", str(path), "--model", "llama3-8b", "--batch", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "host memory (pinned KV)" in out and "of 2.00 GiB" in out and "DOES NOT FIT" in out
+    assert main(["replay", trace, "--profile", str(path), "--model", "llama3-8b", "--batch", "1", "--json"]) == 0
+    pred = json.loads(capsys.readouterr().out)
+    assert pred["host_memory_bytes"] == 2 * 2**30 and pred["host_fits"] is True

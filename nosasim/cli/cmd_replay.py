@@ -105,6 +105,12 @@ def format_prediction(pred) -> str:
         f"  hit rate                         {'-' if pred.hit_rate is None else f'{pred.hit_rate:10.4f}':>10}",
         f"  H2D per step                     {pred.h2d_bytes_per_step / 2**20:10.2f} MiB",
         f"  GPU memory                       {gib(pred.gpu_memory_bytes):>14}   (max batch {pred.max_batch})",
+    ]
+    if cfg["variant"] != "dense":
+        of = f" of {gib(pred.host_memory_bytes)}" if pred.host_memory_bytes else " (the profile gives no host size)"
+        flag = "   DOES NOT FIT the host's memory" if pred.host_fits is False else ""
+        lines.append(f"  host memory (pinned KV)          {gib(pred.host_kv_bytes):>14}{of}{flag}")
+    lines += [
         "  breakdown of the median step:",
     ]
     for name, sec in pred.breakdown.items():

@@ -68,7 +68,7 @@ def _synth(args) -> int:
 
     tr = synthesize(args.kind, args.layers, args.heads, args.seqs, args.steps, args.k, args.context, kq=args.kq,
                     overlap=args.overlap, seed=args.seed, block_size=args.block_size, head_dim=args.head_dim,
-                    context_spread=args.context_spread, command=_command_line())
+                    context_spread=args.context_spread, command=_command_line(), progress=True)
     size = write_trace(args.output, tr)
     print(f"wrote {args.output}: {tr.steps} steps x {tr.layers} layers x {tr.heads} heads x {tr.seqs} seqs, "
           f"k={tr.k}, {size / 1e6:.2f} MB")
@@ -90,7 +90,7 @@ def _import(args) -> int:
 def _info(args) -> int:
     from ..trace.stats import summarize
 
-    info = summarize(args.file)
+    info = summarize(args.file, progress=True)
     if args.json:
         print(json.dumps(info, indent=1))
         return 0

@@ -139,6 +139,10 @@ class Prediction:
     method: str
     config: dict = field(default_factory=dict)
     floor: dict = field(default_factory=dict)
+    # The profile's host memory (0: not known) and whether the batch's offloaded KV fits it (None: not known, or
+    # dense, which keeps nothing on the host). Every slot of the batch is its own sequence with its own history.
+    host_memory_bytes: float = 0.0
+    host_fits: bool | None = None
     step_times: np.ndarray | None = field(default=None, repr=False)
     floor_steps: object = field(default=None, repr=False)
 
@@ -203,14 +207,22 @@ def predict(trace, cfg: ReplayConfig, *, method: str = "analytic", cache_result=
     result = simulate(inputs)
     step, parts = result.median_step()
     block = cfg.block(model, trace.block_size).block_bytes
+    host = float(host_kv_bytes(model, cfg.batch, ctx_max, cfg.block(model, trace.block_size))) if cfg.offloaded else 0.0
     return Prediction(
         step_time_s=step, tokens_per_s=cfg.batch / step, breakdown=parts, hit_rate=hit_rate,
         h2d_bytes_per_step=float(misses.sum(axis=(1, 2)).mean() * block),
         d2h_bytes_per_step=float(writebacks.sum(axis=(1, 2)).mean() * block),
         gpu_memory_bytes=float(sum(mem.values())), memory={k: float(v) for k, v in mem.items()},
         max_batch=max_batch(profile, model, cfg, ctx_max, trace.block_size),
-        host_kv_bytes=float(host_kv_bytes(model, cfg.batch, ctx_max, cfg.block(model, trace.block_size)))
-        if cfg.offloaded else 0.0,
+        host_kv_bytes=host,
         steps=plan.steps, method=method, config=dataclasses.asdict(cfg),
         floor=floor.at(np.arange(plan.steps)), step_times=result.step_s, floor_steps=floor,
+        host_memory_bytes=profile.host_memory_bytes, host_fits=host_fits(profile, cfg, host),
     )
+
+
+def host_fits(profile: Profile, cfg: ReplayConfig, host_bytes: float) -> bool | None:
+    """Whether ``host_bytes`` of offloaded KV fit the profile's host memory (None when unknown or dense)."""
+    if not cfg.offloaded or not profile.host_memory_bytes:
+        return None
+    return host_bytes <= profile.host_memory_bytes

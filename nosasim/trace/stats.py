@@ -9,7 +9,7 @@ from .io import TraceReader
 from .model import tails_of
 
 
-def overlap_per_layer(reader: TraceReader) -> np.ndarray:
+def overlap_per_layer(reader: TraceReader, sizes: list | None = None, progress: bool = False) -> np.ndarray:
     """Mean adjacent-step overlap per layer, streaming over the file.
 
     overlap_t = |S_t & (S_t-1 + {tail_t-1})| / |S_t| for t >= 1, averaged over steps, heads and
@@ -20,8 +20,14 @@ def overlap_per_layer(reader: TraceReader) -> np.ndarray:
     L, H, B = h.model.layers, h.model.kv_heads, h.seqs
     num = np.zeros(L)
     den = np.zeros(L)
+    from tqdm import tqdm
+
     prev = prev_tail = None
-    for chunk in reader.iter_chunks():
+    chunks = tqdm(reader.iter_chunks(), total=h.n_chunks, desc="trace info", unit="chunk",
+                  disable=None if progress else True)  # None: shown on a terminal only
+    for chunk in chunks:
+        if sizes is not None:  # the mean selection size, in the same pass over the file
+            sizes.append((chunk.sel >= 0).sum(axis=-1).mean())
         rows = chunk.rows()
         tails = np.broadcast_to(tails_of(chunk.context_len, h.block_size)[:, None, None, :], (chunk.steps, L, H, B))
         tails = tails.reshape(chunk.steps, -1)
@@ -39,16 +45,14 @@ def overlap_per_layer(reader: TraceReader) -> np.ndarray:
     return np.divide(num, den, out=np.full(L, np.nan), where=den > 0)
 
 
-def summarize(path: str) -> dict:
-    """What ``nosasim trace info`` prints."""
+def summarize(path: str, progress: bool = False) -> dict:
+    """What ``nosasim trace info`` prints (one pass over the file; ``progress``: a bar on a terminal)."""
     import os
 
     with TraceReader(path) as reader:
         h = reader.header
-        ov = overlap_per_layer(reader)
-        sizes = []
-        for chunk in reader.iter_chunks():
-            sizes.append((chunk.sel >= 0).sum(axis=-1).mean())
+        sizes: list = []
+        ov = overlap_per_layer(reader, sizes=sizes, progress=progress)
         raw = h.steps * h.model.layers * h.model.kv_heads * h.seqs * h.k * 2
         disk = os.path.getsize(path)
         # The selections alone, without the optional score arrays: what the 10x target is about.

@@ -36,9 +36,10 @@ def _pick_random(mask: np.ndarray, count: np.ndarray, rng: np.random.Generator) 
 def synthesize(kind: str, layers: int, heads: int, seqs: int, steps: int, k: int, context: int,
                kq: int | None = None, overlap: float | None = None, seed: int = 0, block_size: int = 64,
                head_dim: int = 64, sink: int = 1, window: int = 16, context_spread: int = 0,
-               chunk_steps: int = 128, command: str = "") -> Trace:
+               chunk_steps: int = 128, command: str = "", progress: bool = False) -> Trace:
     """Generate a trace. ``context`` is the prompt length in tokens; with ``context_spread`` > 0 each
-    sequence's prompt is drawn uniformly from ``[context - context_spread, context]``."""
+    sequence's prompt is drawn uniformly from ``[context - context_spread, context]``. ``progress``: a bar per
+    step on a terminal (long contexts take minutes)."""
     from ..contract import Budget
     from ..select import mask_to_ids, select_mask
 
@@ -82,7 +83,9 @@ def synthesize(kind: str, layers: int, heads: int, seqs: int, steps: int, k: int
     # Sink and window rarely change, so the churning top part carries all of the non-overlap.
     forced_share = (sink + window - 1) / (k - 1)
     top_keep = np.clip((overlap - forced_share) / max(1e-9, 1 - forced_share), 0.0, 1.0)
-    for t in range(steps):
+    from tqdm import tqdm
+
+    for t in tqdm(range(steps), desc=f"synth {kind}", unit="step", disable=None if progress else True):
         tail = tails_of(row_ctx[t], block_size)
         complete = col < tail[:, None]
         if kind == "random":
