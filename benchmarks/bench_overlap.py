@@ -7,7 +7,8 @@ the capture stream, and a copy of 1,024 blocks of 32 KiB from pinned host memory
 alone and both together; ``overlap`` = hidden time / the shorter one's time (1: the shorter is fully hidden, 0:
 they serialise). Copies: the zero-copy gather kernel over the runtime's sparse grid (one program per entry, 1 in 16
 valid), the same as persistent programs (33, 132), and the copy engine (``cudaMemcpyAsync`` of one contiguous
-buffer, which uses no SMs) as the reference.
+buffer, which uses no SMs) as the reference. Then the persistent gather and the copy engine beside chains of 1 to 16
+GEMM sets (``lengths``), which tells compute slowed beside a copy from a copy slowed beside compute.
 """
 
 from __future__ import annotations
@@ -56,10 +57,14 @@ def run(out_path: str | None = None, reps: int = 20) -> dict:
     x = torch.randn(32, 4096, dtype=torch.bfloat16, device=dev, generator=g)
     ws = [torch.randn(4096, 14336, dtype=torch.bfloat16, device=dev, generator=g) / 64 for _ in range(4)]
 
-    def compute():
-        for _ in range(4):
-            for w in ws:
-                x @ w
+    def chain(n):
+        def compute():
+            for _ in range(n):
+                for w in ws:
+                    x @ w
+        return compute
+
+    compute = chain(4)
 
     copies = {f"gather_grid{width}": lambda: copy_chunks(host, buf, src, dst, CHUNK),
               "gather_persistent33": lambda: copy_chunks(host, buf, src, dst, CHUNK, programs=33),
@@ -74,6 +79,19 @@ def run(out_path: str | None = None, reps: int = 20) -> dict:
         res["rows"].append({"copy": name, "copy_alone_s": t_copy, "both_s": t_both,
                             "copy_GBps": COUNT * CHUNK / t_copy / 1e9,
                             "overlap": hidden / min(t_compute, t_copy)})
+    # The same copy beside compute chains of other lengths. One length cannot tell compute slowed beside the copy
+    # from the copy slowed beside compute (either explains a "both" time above the longer one); the excess over the
+    # longer op as the chain grows past the copy does: it stays near s * copy / (1 + s) if compute is what slows,
+    # and falls to 0 if the copy is what slows (a copy hidden under a longer chain costs it nothing).
+    res["lengths"] = []
+    for n in (1, 2, 4, 8, 16):
+        t_c = time_cuda(_graph([chain(n)], []).replay, reps=reps)
+        row = {"gemm_sets": n, "compute_alone_s": t_c}
+        for name in ("gather_persistent33", "copy_engine"):
+            t_copy = time_cuda(_graph([], [copies[name]]).replay, reps=reps)
+            row[name] = {"copy_alone_s": t_copy, "both_s": time_cuda(_graph([chain(n)], [copies[name]]).replay,
+                                                                       reps=reps)}
+        res["lengths"].append(row)
     if out_path:
         write_json(out_path, res)
     return res
@@ -85,6 +103,11 @@ def table(res: dict) -> str:
     for r in res["rows"]:
         lines.append(f"overlap: {r['copy']:24s} {r['copy_alone_s'] * 1e3:8.3f} {r['copy_GBps']:5.1f} "
                      f"{r['both_s'] * 1e3:8.3f}   {r['overlap']:5.2f}")
+    for r in res.get("lengths", []):
+        g = r["gather_persistent33"]
+        lines.append(f"overlap: {r['gemm_sets']:2d} GEMM sets: compute {r['compute_alone_s'] * 1e3:7.3f} ms, gather33 "
+                     f"{g['copy_alone_s'] * 1e3:6.3f}, both {g['both_s'] * 1e3:7.3f}, excess over the longer "
+                     f"{(g['both_s'] - max(r['compute_alone_s'], g['copy_alone_s'])) * 1e3:6.3f} ms")
     return "\n".join(lines)
 
 
