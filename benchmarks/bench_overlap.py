@@ -8,7 +8,8 @@ alone and both together; ``overlap`` = hidden time / the shorter one's time (1: 
 they serialise). Copies: the zero-copy gather kernel over the runtime's sparse grid (one program per entry, 1 in 16
 valid), the same as persistent programs (33, 132), and the copy engine (``cudaMemcpyAsync`` of one contiguous
 buffer, which uses no SMs) as the reference. Then the persistent gather and the copy engine beside chains of 1 to 16
-GEMM sets (``lengths``), which tells compute slowed beside a copy from a copy slowed beside compute.
+GEMM sets (``lengths``), which tells compute slowed beside a copy from a copy slowed beside compute, and the gather
+beside chains of HBM-bound elementwise passes (``memory_lengths``), the kind of work a decode step runs beside it.
 """
 
 from __future__ import annotations
@@ -65,6 +66,16 @@ def run(out_path: str | None = None, reps: int = 20) -> dict:
         return compute
 
     compute = chain(4)
+    # HBM-bound work, as most of a decode step beside its gather is (attention, scoring): one elementwise pass over
+    # 128 MiB in and out per link of the chain.
+    big_in = torch.randn(1 << 26, dtype=torch.bfloat16, device=dev, generator=g)
+    big_out = torch.empty_like(big_in)
+
+    def memory_chain(n):
+        def compute():
+            for _ in range(n):
+                torch.add(big_in, 1.0, out=big_out)
+        return compute
 
     copies = {f"gather_grid{width}": lambda: copy_chunks(host, buf, src, dst, CHUNK),
               "gather_persistent33": lambda: copy_chunks(host, buf, src, dst, CHUNK, programs=33),
@@ -92,6 +103,13 @@ def run(out_path: str | None = None, reps: int = 20) -> dict:
             row[name] = {"copy_alone_s": t_copy, "both_s": time_cuda(_graph([chain(n)], [copies[name]]).replay,
                                                                        reps=reps)}
         res["lengths"].append(row)
+    res["memory_lengths"] = []
+    t_g = time_cuda(_graph([], [copies["gather_persistent33"]]).replay, reps=reps)
+    for n in (2, 4, 8, 16, 32):
+        t_c = time_cuda(_graph([memory_chain(n)], []).replay, reps=reps)
+        both = time_cuda(_graph([memory_chain(n)], [copies["gather_persistent33"]]).replay, reps=reps)
+        res["memory_lengths"].append({"passes": n, "bytes_per_pass": 2 * big_in.numel() * 2, "compute_alone_s": t_c,
+                                      "gather_persistent33": {"copy_alone_s": t_g, "both_s": both}})
     if out_path:
         write_json(out_path, res)
     return res
@@ -106,6 +124,11 @@ def table(res: dict) -> str:
     for r in res.get("lengths", []):
         g = r["gather_persistent33"]
         lines.append(f"overlap: {r['gemm_sets']:2d} GEMM sets: compute {r['compute_alone_s'] * 1e3:7.3f} ms, gather33 "
+                     f"{g['copy_alone_s'] * 1e3:6.3f}, both {g['both_s'] * 1e3:7.3f}, excess over the longer "
+                     f"{(g['both_s'] - max(r['compute_alone_s'], g['copy_alone_s'])) * 1e3:6.3f} ms")
+    for r in res.get("memory_lengths", []):
+        g = r["gather_persistent33"]
+        lines.append(f"overlap: {r['passes']:2d} HBM passes: compute {r['compute_alone_s'] * 1e3:7.3f} ms, gather33 "
                      f"{g['copy_alone_s'] * 1e3:6.3f}, both {g['both_s'] * 1e3:7.3f}, excess over the longer "
                      f"{(g['both_s'] - max(r['compute_alone_s'], g['copy_alone_s'])) * 1e3:6.3f} ms")
     return "\n".join(lines)
