@@ -71,10 +71,9 @@ def predict_run(run: dict, profile: str, traces: dict) -> dict:
 def _number(name: str, field: str, value, low: float, high: float, low_open: bool = False) -> float:
     """A measured figure: a JSON number (not a bool) that is finite and within [low, high] (``low`` excluded when
     ``low_open``)."""
-    import math
+    from nosasim.contract import is_real
 
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
-            not (low < value if low_open else low <= value) or value > high:
+    if not is_real(value) or not (low < value if low_open else low <= value) or value > high:
         bound = f"{'>' if low_open else '>='} {low:g} and <= {high:g}"
         raise ValueError(f"measurement run {name!r}: field '{field}' must be a finite number {bound}, got {value!r}")
     return float(value)
@@ -216,8 +215,9 @@ def main(argv=None) -> int:
         for name, data in files.items():
             atomic_write(out / name, data)
     except OSError as exc:
-        print(f"validate: error: --out {args.out}: cannot write {exc.filename or name} ({exc.strerror or exc})",
-              file=sys.stderr)
+        from nosasim.cli import os_error
+
+        print(f"validate: error: --out {args.out}: cannot write ({os_error(exc)})", file=sys.stderr)
         return 1
     print(to_markdown(report))
     return 0

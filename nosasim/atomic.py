@@ -22,12 +22,16 @@ def _make_folder(folder: Path) -> None:
         raise NotADirectoryError(errno.ENOTDIR, "exists and is not a folder", exc.filename) from None
 
 
+def _host() -> str:
+    import socket
+
+    return socket.gethostname().replace(".", "_")
+
+
 def _owner() -> str:
     """Who writes a temporary file: host and process, so a later writer can tell a dead writer's leftovers from a
     live writer's work in progress."""
-    import socket
-
-    return f"{socket.gethostname().replace('.', '_')}-{os.getpid()}"
+    return f"{_host()}-{os.getpid()}"
 
 
 def _alive(pid: int) -> bool:
@@ -45,7 +49,7 @@ def _clear_leftovers(path: Path, suffix: str) -> None:
     (killed mid-write: SIGKILL runs no clean-up). Another host's, or a live process's, are left alone."""
     import shutil
 
-    host = _owner().rsplit("-", 1)[0]
+    host = _host()
     try:
         leftovers = list(path.parent.glob(f".{path.name}.{host}-*{suffix}"))
     except OSError:

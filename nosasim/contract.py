@@ -52,6 +52,14 @@ def count(name: str, value, minimum: int = 0) -> int:
     return value
 
 
+def is_real(value) -> bool:
+    """Whether ``value`` is a finite JSON number: an int or a float, not a bool (JSON's true is no number), not NaN
+    or infinite. The one test of a numeric field read from a file (profiles, measurements)."""
+    import math
+
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def choice(name: str, value, options) -> str:
     """The one check of a name field: one of ``options``; ValueError naming the field and the choices."""
     if value not in options:

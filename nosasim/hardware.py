@@ -19,6 +19,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nosasim.contract import is_real
+
 SCHEMA = "nosasim-profile/1"
 PROFILE_DIR = Path(__file__).with_name("profiles")
 
@@ -53,16 +55,14 @@ MAX_RATE, MAX_SECONDS, MAX_SHAPE = 1e100, 1e4, 1 << 40
 
 
 def _positive(where: str, value, hi: float = MAX_RATE) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0 \
-            or value > hi:
+    if not is_real(value) or value <= 0 or value > hi:
         raise ValueError(f"profile field {where}: expected a positive number up to {hi:g}, got {value!r}")
     return float(value)
 
 
 def _number(where: str, value, lo: float, hi: float, what: str) -> float:
     """A JSON number (not a bool, null, string or container) in ``[lo, hi)``; ``what`` says what it means."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not lo <= value < hi:
+    if not is_real(value) or not lo <= value < hi:
         raise ValueError(f"profile field {where}: expected a number in [{lo:g}, {hi:g}) ({what}), got {value!r}")
     return float(value)
 
@@ -178,8 +178,7 @@ def _check_ops(ops) -> dict[str, list[dict]]:
                 raise ValueError(f"profile field ops.{op}[{i}]: missing {', '.join(missing)}")
             for f in OP_FIELDS[op]:
                 v = e[f]
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
-                        or v != int(v) or not 1 <= v <= MAX_SHAPE:
+                if not is_real(v) or v != int(v) or not 1 <= v <= MAX_SHAPE:
                     raise ValueError(f"profile field ops.{op}[{i}].{f}: expected an integer in [1, {MAX_SHAPE}], "
                                      f"got {v!r}")
             _positive(f"ops.{op}[{i}].seconds", e["seconds"], MAX_SECONDS)

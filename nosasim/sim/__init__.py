@@ -206,8 +206,9 @@ def predict(trace, cfg: ReplayConfig, *, method: str = "analytic", cache_result=
         from nosasim.sim.analytic import simulate
     result = simulate(inputs)
     step, parts = result.median_step()
-    block = cfg.block(model, trace.block_size).block_bytes
-    host = float(host_kv_bytes(model, cfg.batch, ctx_max, cfg.block(model, trace.block_size))) if cfg.offloaded else 0.0
+    shape = cfg.block(model, trace.block_size)
+    block = shape.block_bytes
+    host = float(host_kv_bytes(model, cfg.batch, ctx_max, shape)) if cfg.offloaded else 0.0
     return Prediction(
         step_time_s=step, tokens_per_s=cfg.batch / step, breakdown=parts, hit_rate=hit_rate,
         h2d_bytes_per_step=float(misses.sum(axis=(1, 2)).mean() * block),

@@ -69,14 +69,18 @@ def _npy(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def _get(obj, path):
+    """The place at ``path`` (keys and indices) in a JSON object."""
+    for p in path:
+        obj = obj[p]
+    return obj
+
+
 def _set_odd(rng, obj) -> tuple:
     """Set one place anywhere in the JSON object ``obj`` to one of :data:`ODD_VALUES`; returns its path."""
     paths = list(_paths(obj))
     path = paths[rng.integers(len(paths))]
-    target = obj
-    for p in path[:-1]:
-        target = target[p]
-    target[path[-1]] = ODD_VALUES[rng.integers(len(ODD_VALUES))]
+    _get(obj, path[:-1])[path[-1]] = ODD_VALUES[rng.integers(len(ODD_VALUES))]
     return path
 
 
@@ -85,12 +89,6 @@ def _mutate_header(rng, members):
     path = _set_odd(rng, d)
     members["header.json"] = json.dumps(d).encode()
     return f"header {'.'.join(map(str, path))}"
-
-
-def _get(obj, path):
-    for p in path:
-        obj = obj[p]
-    return obj
 
 
 def _mutate_nudge(rng, members):

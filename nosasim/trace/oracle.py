@@ -441,21 +441,13 @@ def _decode_rows(cur, nadd, ndel, add, dele, off_add, off_del, r0, r1, R, c, n, 
                 i = int(np.argmax(gone < 0))
                 raise _Invalid(f"a removal {where_next} ({_where(r0 + rd[i], H, B)}) points at position {p[i]}, "
                                f"which is padding in the previous selection")
-            same_row = rd[1:] == rd[:-1]
-            if (same_row & (p[1:] <= p[:-1])).any():
-                i = int(np.argmax(same_row & (p[1:] <= p[:-1]))) + 1
-                raise _Invalid(f"removal positions {where_next} ({_where(r0 + rd[i], H, B)}) are not strictly "
-                               f"ascending")
+            _ascending(p, rd, f"removal positions {where_next}", r0, H, B)
         if a.size:
             if a.max() >= nb:
                 i = int(np.argmax(a >= nb))
                 raise _Invalid(f"an added block {where_next} ({_where(r0 + ra[i], H, B)}) has id {a[i]}, not below "
                                f"n_blocks = {nb}")
-            same_row = ra[1:] == ra[:-1]
-            if (same_row & (a[1:] <= a[:-1])).any():
-                i = int(np.argmax(same_row & (a[1:] <= a[:-1]))) + 1
-                raise _Invalid(f"added block ids {where_next} ({_where(r0 + ra[i], H, B)}) are not strictly "
-                               f"ascending")
+            _ascending(a, ra, f"added block ids {where_next}", r0, H, B)
             # "Already present" is judged against the previous step's selection, before this step's removals.
             present = member[ra, a]
             if present.any():
@@ -473,6 +465,14 @@ def _decode_rows(cur, nadd, ndel, add, dele, off_add, off_del, r0, r1, R, c, n, 
         cur = np.full((nr, k), -1, np.int64)
         start = np.concatenate([[0], np.cumsum(counts)[:-1]])
         cur[rows, np.arange(rows.size) - start[rows]] = ids
+
+
+def _ascending(vals, rows, what: str, r0: int, H: int, B: int) -> None:
+    """``vals`` strictly ascending wherever neighbours share a row (``rows``: each value's row in the group)."""
+    bad = (rows[1:] == rows[:-1]) & (vals[1:] <= vals[:-1])
+    if bad.any():
+        i = int(np.argmax(bad)) + 1
+        raise _Invalid(f"{what} ({_where(r0 + rows[i], H, B)}) are not strictly ascending")
 
 
 def _check_selection(cur, tl, t, r0, H, B, nb, keyframe, c) -> None:
