@@ -47,7 +47,8 @@ def floor_rows(e2e_paths: list[str], profile: str) -> list[dict]:
             rows.append({
                 "name": e.name, "file": Path(path).name, "variant": e.variant, "batch": e.batch, "context": ctx,
                 "k": b.k if b else None, "capacity": b.capacity if b else None, "policy": e.policy if b else None,
-                "microbatches": e.microbatches, "kv_dtype": e.kv_dtype, "split_attention": e.split_attention,
+                "microbatches": e.microbatches, "kv_dtype": e.kv_dtype, "ckey_dtype": e.ckey_dtype,
+                "split_attention": e.split_attention,
                 "selection": (run.get("runtime") or {}).get("selection"),
                 "measured_s": meas, "floor_s": terms["floor_s"], "x_floor": meas / terms["floor_s"],
                 "bound": terms["bound"], "floor_terms": {k: terms[k] for k in ("hbm_s", "flop_s", "link_s")},
@@ -65,8 +66,8 @@ def equal_memory(rows: list[dict], link_Bps: float) -> list[dict]:
     for r in rows:
         if r["context"] < 60000:
             continue
-        row = {k: r[k] for k in ("name", "context", "variant", "batch", "capacity", "policy", "microbatches",
-                                 "kv_dtype", "selection", "tokens_per_s")}
+        row = {k: r[k] for k in ("name", "file", "context", "variant", "batch", "capacity", "policy",
+                                 "microbatches", "kv_dtype", "ckey_dtype", "selection", "tokens_per_s")}
         if r["loaded_blocks_per_step"]:
             block = 2 * 64 * 128 * (1 if r["kv_dtype"] == "fp8" else 2)
             per_seq = r["loaded_blocks_per_step"] / r["batch"]

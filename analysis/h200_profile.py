@@ -37,6 +37,11 @@ def hbm_read_peak() -> float:
     return max(v["Bps"] for r in bench["rows"] for n, v in r["variants"].items() if n != "fp8" and "Bps" in v)
 
 
+# The offloaded phases with fp8 compressed keys (their selection tables), measured after run 3 on the runtime of
+# e2e-h200-run4.json, whose kernels are run 3's but for the fp8-key paths.
+CKEY8_PHASES = "runtime_phases-h200-ckey8.json"
+
+
 def assemble_run3(hbm_read_Bps: float) -> dict:
     """The current runtime's profile: what the calibration stage wrote in one call (``runtime.calibrate.run_all``:
     ceilings, GEMMs, bf16 and FP8 attention, the empty pass's walk, dense attention, glue, offloaded phases, overlap;
@@ -52,6 +57,15 @@ def assemble_run3(hbm_read_Bps: float) -> dict:
         mem = json.loads(host.read_text())
         prof["host_memory_bytes"] = mem["host_memory_bytes"]
         prof["provenance"] += f"; host_memory_bytes: physical memory of the lent H200 machine ({mem['date']})"
+    ck8 = RES / CKEY8_PHASES
+    if ck8.exists():  # the selection tables with fp8 compressed keys, from their own calibration call
+        from nosasim.models import load_model
+        from runtime.calibrate import phase_tables
+
+        ph = json.loads(ck8.read_text())
+        prof["ops"].update(phase_tables(ph["offload_phases"], [], load_model("llama3-8b")))
+        prof["provenance"] += (f"; selection_fp8 and selection_nosa_fp8 from a calibration call of "
+                               f"{ph['env']['date']} ({CKEY8_PHASES}: runtime.calibrate.ckey_fp8_phases)")
     Profile.from_dict(prof)
     prof["name"] = "h200-pcie5"
     return prof

@@ -52,10 +52,11 @@ def _n_cmp(context):
     return np.maximum((np.asarray(context, dtype=np.float64) - CMP_WINDOW) // CMP_STRIDE + 1, 1)
 
 
-def _select_fb(batch_cmp, batch_blocks, batch, q_heads, kv_heads, head_dim, dt=2, agnostic=False):
-    """InfLLM-V2 scoring: q . compressed keys, softmax, GQA sum, max-pool to blocks, top-k (+ NOSA's static top-k)."""
+def _select_fb(batch_cmp, batch_blocks, batch, q_heads, kv_heads, head_dim, dt=2, agnostic=False, ck_dt=None):
+    """InfLLM-V2 scoring: q . compressed keys (in their own element type ``ck_dt``, default ``dt``), softmax, GQA
+    sum, max-pool to blocks, top-k (+ NOSA's static top-k)."""
     flops = 2.0 * q_heads * head_dim * batch_cmp + 6.0 * q_heads * batch_cmp
-    bytes_ = (dt * kv_heads * head_dim * batch_cmp + dt * batch * q_heads * head_dim
+    bytes_ = ((dt if ck_dt is None else ck_dt) * kv_heads * head_dim * batch_cmp + dt * batch * q_heads * head_dim
               + 4.0 * 2 * q_heads * batch_cmp + 4.0 * kv_heads * batch_cmp + 4.0 * 2 * kv_heads * batch_blocks)
     if agnostic:
         bytes_ = bytes_ + 4.0 * 2 * kv_heads * batch_blocks
@@ -78,15 +79,18 @@ def _table_fb(kind: str, e: dict):
                         kv_dt=1 if kind == "sparse_attention_fp8" else 2)
     if kind == "dense_attention":
         return _attn_fb(e["batch"] * e["context"], e["batch"], e["q_heads"], e["kv_heads"], e["head_dim"])
-    if kind in ("selection", "selection_nosa"):
+    if kind in SELECTION_KINDS:
         cmp = e["batch"] * _n_cmp(e["context"])
         return _select_fb(cmp, e["batch"] * (e["context"] // 64 + 1), e["batch"], e["q_heads"], e["kv_heads"],
-                          e["head_dim"], agnostic=kind == "selection_nosa")
+                          e["head_dim"], agnostic=kind.startswith("selection_nosa"),
+                          ck_dt=1 if kind.endswith("_fp8") else 2)
     if kind == "block_table":
         return 0.0, _table_bytes(e["rows"], e["k"], e["capacity"])
     raise RuntimeError(f"no roofline for table kind {kind!r}: a bug")
 
 
+# Selection tables: per variant (NOSA adds its eviction-score top-k), and with fp8 compressed keys.
+SELECTION_KINDS = ("selection", "selection_nosa", "selection_fp8", "selection_nosa_fp8")
 _MATMUL_KINDS = ("gemm", "sparse_attention", "sparse_attention_fp8", "dense_attention")
 # Tables of composite work (chains of small kernels) measured per layer by batch: no single roofline describes
 # them, so their seconds are interpolated linearly in the batch size (and extrapolated along the last segment).
@@ -99,7 +103,7 @@ BATCH_TABLES = ("layer_glue", "attend_glue")
 # Sparse attention too: its kernel's launch (pieces per row, pipeline stages) depends on the rows, so equal bytes at
 # other batches run at other rates (an H200's FP8 pool: 54% of the roofline at batch 64, 69% at 96), and one curve
 # over the roofline would read a batch-48 step off the wrong batches' points.
-GRID_TABLES = ("selection", "selection_nosa", "dense_attention", "sparse_attention_walk", "sparse_attention",
+GRID_TABLES = (*SELECTION_KINDS, "dense_attention", "sparse_attention_walk", "sparse_attention",
                "sparse_attention_fp8")
 # Grid tables of a part of a kernel (the walk of an empty split-attention pass), whose bytes and FLOPs no roofline
 # gives: on another model's shape they are not used at all.
@@ -236,13 +240,20 @@ class CostModel:
             cmp_sum = _n_cmp(ctx_sum / b) * b
             blocks_sum = ctx_sum / self.block_size + b
             nosa = cfg.variant == "nosa"
-            f, by = _select_fb(cmp_sum, blocks_sum, b, m.q_heads, m.kv_heads, m.head_dim, dt, agnostic=nosa)
-            # NOSA's selection (eviction score, second top-k) has its own table when calibrated.
-            kind = "selection_nosa" if nosa and ("selection_nosa" in self._curves or
-                                                 "selection_nosa" in self._grids) else "selection"
+            f, by = _select_fb(cmp_sum, blocks_sum, b, m.q_heads, m.kv_heads, m.head_dim, dt, agnostic=nosa,
+                               ck_dt=cfg.ckey_bytes(m))
+            kind = self.selection_kind
             sel = self.grid_time(kind, b, ctx_sum / b)
+            base = kind.removesuffix("_fp8")
+            if sel is None and kind != base:
+                # fp8 keys on a profile calibrated with bf16 keys only: the bf16 table's time in proportion to the
+                # bytes read (the keys are most of them past a few thousand tokens).
+                t16 = self.grid_time(base, b, ctx_sum / b)
+                if t16 is not None:
+                    by16 = _select_fb(cmp_sum, blocks_sum, b, m.q_heads, m.kv_heads, m.head_dim, dt, agnostic=nosa)[1]
+                    sel = t16 * by / by16
             if sel is None:
-                sel = self.op_time(kind, f, by, kernels=6 if nosa else 4)
+                sel = self.op_time(kind if kind in self._curves else base, f, by, kernels=6 if nosa else 4)
             pre.append(OpCost("selection", "selection", ones * sel))
             rows = b * m.kv_heads
             pre.append(OpCost("block_table", "cache", ones * self.op_time(
@@ -283,6 +294,21 @@ class CostModel:
         # The merge reads both partial outputs and log-sum-exps and writes one output.
         merge = self.elementwise(rows * m.group * (3 * m.head_dim * m.dtype_bytes + 12))
         return parts[0], parts[1] + merge
+
+    def _has(self, kind: str) -> bool:
+        return kind in self._curves or kind in self._grids
+
+    @property
+    def selection_kind(self) -> str:
+        """The selection table that describes this configuration: NOSA's own (eviction score, second top-k) when
+        calibrated, and with fp8 compressed keys their own when calibrated. fp8 keys without an fp8 table go by
+        the roofline of their bytes (``_select_fb``) and the kind's efficiency curve, never by a bf16 table's
+        shape-for-shape times, which would charge them the bf16 keys' reads."""
+        nosa = self.cfg.variant == "nosa" and (self._has("selection_nosa") or self._has("selection_nosa_fp8"))
+        base = "selection_nosa" if nosa else "selection"
+        if self.cfg.ckey_dtype == "fp8":
+            return base + "_fp8"
+        return base
 
     @property
     def attention_kind(self) -> str:

@@ -38,6 +38,7 @@ class E2EConfig:
     model: str = "llama3-8b"
     split_attention: bool = False
     kv_dtype: str = "bf16"
+    ckey_dtype: str = "bf16"
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name:
@@ -53,6 +54,9 @@ class E2EConfig:
         choice(f"{self.name}: kv_dtype", self.kv_dtype, ("bf16", "fp8"))
         if self.kv_dtype != "bf16" and self.budget is None:
             raise ValueError(f"{self.name}: kv_dtype: fp8 is for the offloaded store; dense keeps bf16")
+        choice(f"{self.name}: ckey_dtype", self.ckey_dtype, ("bf16", "fp8"))
+        if self.ckey_dtype != "bf16" and self.variant not in ("infllmv2", "nosa"):
+            raise ValueError(f"{self.name}: ckey_dtype: fp8 is for the compressed keys InfLLM-V2 and NOSA score")
         if not isinstance(self.split_attention, bool) or (self.split_attention and self.budget is None):
             raise ValueError(f"{self.name}: split_attention: expected a bool, True only for an offloaded variant")
         if self.microbatches > self.batch:
@@ -76,7 +80,7 @@ class E2EConfig:
                 "sink": b.sink if b else None, "window": b.window if b else None,
                 "capacity": b.capacity if b else None, "policy": self.policy, "microbatches": self.microbatches,
                 "gather_programs": self.gather_programs, "split_attention": self.split_attention,
-                "kv_dtype": self.kv_dtype}
+                "kv_dtype": self.kv_dtype, "ckey_dtype": self.ckey_dtype}
 
     @classmethod
     def from_fields(cls, run: dict) -> "E2EConfig":
@@ -98,7 +102,8 @@ class E2EConfig:
         return cls(name=name, source=source, variant=run["variant"], batch=run["batch"], budget=budget,
                    policy=run.get("policy", "prev"), microbatches=run.get("microbatches", 1),
                    gather_programs=run.get("gather_programs", 0), model=run["model"],
-                   split_attention=run.get("split_attention", False), kv_dtype=run.get("kv_dtype", "bf16"))
+                   split_attention=run.get("split_attention", False), kv_dtype=run.get("kv_dtype", "bf16"),
+                   ckey_dtype=run.get("ckey_dtype", "bf16"))
 
     def replay_config(self, profile: str):
         """The simulator's configuration of this measurement on ``profile``."""
@@ -108,7 +113,7 @@ class E2EConfig:
         budget = {} if b is None else dict(k=b.k, k_q=b.k_q, sink=b.sink, window=b.window, capacity=b.capacity)
         return ReplayConfig(profile=profile, model=self.model, variant=self.variant, batch=self.batch,
                             policy=self.policy, microbatches=self.microbatches, split_attention=self.split_attention,
-                            kv_dtype=self.kv_dtype, **budget)
+                            kv_dtype=self.kv_dtype, ckey_dtype=self.ckey_dtype, **budget)
 
 
 def resolve_path(path: str) -> Path:

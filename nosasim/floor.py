@@ -94,7 +94,7 @@ def step_floor(profile: Profile, model: ModelSpec, cfg: ReplayConfig, context: n
     cmp_keys = _n_cmp(context).sum(axis=1) * heads_rows  # [steps]
     blocks = ((context - 1) // block_size + 1).sum(axis=1) * heads_rows
     if cfg.offloaded:
-        parts["compressed_keys"] = cmp_keys * D * dt
+        parts["compressed_keys"] = cmp_keys * D * cfg.ckey_bytes(m)
         # Block scores written by scoring and read by selection (fp32), NOSA's frozen per-block scores read.
         parts["scores"] = blocks * 4 * (2 + (1 if cfg.variant == "nosa" else 0))
     else:

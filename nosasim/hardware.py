@@ -35,6 +35,9 @@ OP_FIELDS: dict[str, tuple[str, ...]] = {
     "dense_attention": ("batch", "q_heads", "kv_heads", "head_dim", "context"),
     "selection": ("batch", "q_heads", "kv_heads", "head_dim", "context"),
     "selection_nosa": ("batch", "q_heads", "kv_heads", "head_dim", "context"),
+    # The same with fp8 (e4m3) compressed keys.
+    "selection_fp8": ("batch", "q_heads", "kv_heads", "head_dim", "context"),
+    "selection_nosa_fp8": ("batch", "q_heads", "kv_heads", "head_dim", "context"),
     "block_table": ("rows", "k", "capacity"),
     # Composite per-layer work, interpolated in batch (see nosasim/cost.py, BATCH_TABLES).
     "layer_glue": ("batch", "hidden", "q_heads", "kv_heads", "head_dim", "mlp"),

@@ -25,9 +25,10 @@ EXACT_PARTS = ("weights", "eviction_head", "kv_cache", "block_table", "compresse
 
 
 def plan(model: ModelSpec, variant: str, budget: Budget | None, policy: str, batch: int, tokens: int,
-         block: BlockShape | None = None) -> dict[str, int]:
+         block: BlockShape | None = None, ckey_bytes: int | None = None) -> dict[str, int]:
     """Device bytes by part for ``batch`` sequences of up to ``tokens`` tokens. ``block``: the KV block as the pool
-    stores it (default: the model's element type, 64-token blocks). Dense takes no budget."""
+    stores it (default: the model's element type, 64-token blocks); ``ckey_bytes``: the compressed keys' element
+    size (default the model's; 1 for fp8 keys). Dense takes no budget."""
     choice("variant", variant, VARIANTS + (TRACE_VARIANT,))
     count("batch", batch, 0)
     count("tokens", tokens, 1)
@@ -52,8 +53,9 @@ def plan(model: ModelSpec, variant: str, budget: Budget | None, policy: str, bat
         out["block_table"] = rows * (8 * C + 16 * (nb + 1) + static)
         nc = compressed_slots(tokens)
         if variant in ("infllmv2", "nosa"):
-            # Compressed keys in the model's element type, plus two float32 running sums of 16 keys each.
-            out["compressed_keys"] = rows * (nc * D * dt + 2 * D * 4)
+            # Compressed keys in their element type, plus two float32 running sums of 16 keys each.
+            ck = dt if ckey_bytes is None else ckey_bytes
+            out["compressed_keys"] = rows * (nc * D * ck + 2 * D * 4)
         if variant == "nosa":
             # Per-token eviction score (attention's logit bias), its compressed form, two running sums, and the
             # frozen per-block score, all float32.
@@ -78,14 +80,15 @@ def host_kv_bytes(model: ModelSpec, seqs: int, tokens: int, block: BlockShape | 
 
 
 def largest_batch(usable: float, model: ModelSpec, variant: str, budget: Budget | None, policy: str, tokens: int,
-                  block: BlockShape | None = None, weights_resident: bool = False) -> int:
+                  block: BlockShape | None = None, weights_resident: bool = False,
+                  ckey_bytes: int | None = None) -> int:
     """The largest batch whose plan fits ``usable`` bytes (0 if not even the fixed part fits): the one answer the
     simulator, the runtime and the benchmarks use. ``weights_resident``: the weights are already on the device
     (a runtime reusing loaded weights measures free memory after them), so only the rest counts."""
-    fixed = sum(plan(model, variant, budget, policy, 0, tokens, block).values())
-    per_seq = sum(plan(model, variant, budget, policy, 1, tokens, block).values()) - fixed
+    fixed = sum(plan(model, variant, budget, policy, 0, tokens, block, ckey_bytes).values())
+    per_seq = sum(plan(model, variant, budget, policy, 1, tokens, block, ckey_bytes).values()) - fixed
     if weights_resident:
-        parts = plan(model, variant, budget, policy, 0, tokens, block)
+        parts = plan(model, variant, budget, policy, 0, tokens, block, ckey_bytes)
         fixed -= parts["weights"] + parts["eviction_head"]
     room = usable - fixed
     if room < 0:
@@ -106,7 +109,8 @@ def refuse_unless_fits(usable: float, parts: dict[str, int], what: str, largest:
 
 def footprint(model: ModelSpec, cfg, batch: int, tokens: int, block_size: int = 64) -> dict[str, int]:
     """:func:`plan` of a :class:`~nosasim.models.ReplayConfig`."""
-    return plan(model, cfg.variant, cfg.budget, cfg.policy, batch, tokens, cfg.block(model, block_size))
+    return plan(model, cfg.variant, cfg.budget, cfg.policy, batch, tokens, cfg.block(model, block_size),
+                cfg.ckey_bytes(model))
 
 
 def usable_bytes(profile) -> float:
@@ -116,7 +120,7 @@ def usable_bytes(profile) -> float:
 def max_batch(profile, model: ModelSpec, cfg, tokens: int, block_size: int = 64) -> int:
     """:func:`largest_batch` of a ReplayConfig on a profile's usable memory."""
     return largest_batch(usable_bytes(profile), model, cfg.variant, cfg.budget, cfg.policy, tokens,
-                         cfg.block(model, block_size))
+                         cfg.block(model, block_size), ckey_bytes=cfg.ckey_bytes(model))
 
 
 def check_fits(profile, model: ModelSpec, cfg, batch: int, tokens: int, block_size: int = 64) -> dict[str, int]:

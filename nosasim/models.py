@@ -147,6 +147,9 @@ class ReplayConfig:
                           choices=("joint", "split"))
     kv_dtype: str = _opt("bf16", "element type of the offloaded KV (host store and GPU block cache): fp8 halves "
                                  "the bytes of every block moved and attended", choices=tuple(KV_DTYPES))
+    ckey_dtype: str = _opt("bf16", "element type of the compressed keys that selection scores (InfLLM-V2, NOSA): fp8 "
+                                   "(e4m3) halves the bytes scoring reads and their GPU memory, at some cost to the "
+                                   "scores (analysis/results/ckey_precision-smollm2.json)", choices=tuple(KV_DTYPES))
 
     def __post_init__(self):
         choice("variant", self.variant, VARIANTS)
@@ -155,6 +158,10 @@ class ReplayConfig:
         choice("kv_dtype", self.kv_dtype, tuple(KV_DTYPES))
         if self.kv_dtype != "bf16" and self.variant == "dense":
             raise ValueError(f"kv_dtype: {self.kv_dtype!r} is for the offloaded store; dense keeps its KV in bf16")
+        choice("ckey_dtype", self.ckey_dtype, tuple(KV_DTYPES))
+        if self.ckey_dtype != "bf16" and self.variant not in ("infllmv2", "nosa"):
+            raise ValueError(f"ckey_dtype: {self.ckey_dtype!r} is for the compressed keys InfLLM-V2 and NOSA score; "
+                             f"{self.variant!r} keeps none")
         count("batch", self.batch, 1)
         count("microbatches", self.microbatches, 1)
         if not isinstance(self.split_attention, bool) or (self.split_attention and self.variant == "dense"):
@@ -193,6 +200,10 @@ class ReplayConfig:
         """The KV block this configuration's cache holds and its link moves."""
         return model.block(block_size, kv_dtype=None if self.kv_dtype == "bf16" else self.kv_dtype,
                            layout=self.kv_layout)
+
+    def ckey_bytes(self, model: ModelSpec) -> int:
+        """Bytes of one element of the compressed keys (the model's element type unless ``ckey_dtype`` is fp8)."""
+        return model.dtype_bytes if self.ckey_dtype == "bf16" else KV_DTYPES[self.ckey_dtype]
 
 
 def config_fields():

@@ -23,8 +23,10 @@ from nosasim.cost import CLASSES
 from nosasim.memory import usable_bytes
 from nosasim.models import ReplayConfig
 
-GRID_FIELDS = ("variant", "k", "k_q", "capacity", "policy", "batch", "microbatches", "split_attention", "kv_dtype")
+GRID_FIELDS = ("variant", "k", "k_q", "capacity", "policy", "batch", "microbatches", "split_attention", "kv_dtype",
+               "ckey_dtype")
 COLUMNS = ("variant", "k", "k_q", "capacity", "policy", "batch", "microbatches", "split_attention", "kv_dtype",
+           "ckey_dtype",
            "fits", "step_time_s",
            "floor_s", "x_floor", "tokens_per_s", "hit_rate", "h2d_bytes_per_step", "transfer_share", "gpu_memory_bytes", "max_batch",
            "host_kv_bytes", "host_fits", "recall", *(f"t_{c}" for c in CLASSES))
@@ -38,7 +40,8 @@ def expand(base: ReplayConfig, grid: dict[str, list]) -> tuple[list[ReplayConfig
     for combo in itertools.product(*values):
         change = dict(zip(GRID_FIELDS, combo))
         if change["variant"] == "dense":  # budgets and cache do not apply: one point per batch / micro-batch
-            change.update(k=None, k_q=None, capacity=None, policy=base.policy, split_attention=False, kv_dtype="bf16")
+            change.update(k=None, k_q=None, capacity=None, policy=base.policy, split_attention=False, kv_dtype="bf16",
+                          ckey_dtype="bf16")
         elif change["variant"] == "infllmv2":
             change["k_q"] = None  # infllmv2's k_q is k; a listed or default k_q belongs to nosa points
         try:

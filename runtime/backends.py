@@ -137,6 +137,17 @@ class DenseBackend(_Base):
         return decode_attention(q, self.pool[layer][rows], EntryPlan.dense(self.tail[rows], self.fill[rows]))
 
 
+def _fill_normal(t: torch.Tensor, g: torch.Generator, rows: int = 64) -> None:
+    """``t.normal_()``, also for float8 (no normal_ of its own): drawn in bf16 a few rows at a time, so a large
+    layer needs no full-size temporary."""
+    if t.dtype != torch.float8_e4m3fn:
+        t.normal_(generator=g)
+        return
+    for i in range(0, t.shape[0], rows):
+        part = t[i: i + rows]
+        part.copy_(torch.empty(part.shape, dtype=torch.bfloat16, device=t.device).normal_(generator=g))
+
+
 class OffloadBackend(_Base):
     """Host store + GPU block cache (see the module docstring). ``trace_sel``: int [T, L, H, B, K] selections to use
     instead of (variant 'trace') or after (replay, for timing with realistic locality) the computed ones."""
@@ -154,7 +165,8 @@ class OffloadBackend(_Base):
         qaware = cfg.variant in ("infllmv2", "nosa")
         agnostic = cfg.variant == "nosa"
         self.scores = ScoreState.allocate(s.layers, self.R, s.head_dim, cfg.max_tokens, cfg.n_blocks, qaware=qaware,
-                                          agnostic=agnostic, dtype=dt, device=device, stride=CMP_STRIDE,
+                                          agnostic=agnostic, dtype=cfg.ckey_torch_dtype, device=device,
+                                          stride=CMP_STRIDE,
                                           block_size=cfg.block_size)
         if self.table.static is not None and agnostic and trace_sel is None:
             self.table.static = self.scores.static  # 'static' keeps blocks by NOSA's own frozen score
@@ -196,7 +208,7 @@ class OffloadBackend(_Base):
                 init_prompt(sc, layer, keys if sc.ckeys is not None else None, cis)
             else:
                 if sc.ckeys is not None:
-                    sc.ckeys[layer].normal_(generator=g)
+                    _fill_normal(sc.ckeys[layer], g)
                 if sc.cis is not None:
                     sc.cis[layer].normal_(generator=g)
                     sc.cscore[layer].normal_(generator=g)

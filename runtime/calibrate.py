@@ -212,13 +212,15 @@ PHASE_POINTS = tuple((b, c) for b in (8, 16, 32, 64, 128) for c in (8192, 16384,
     tuple((b, c) for b in (8, 32, 128) for c in (65536, 131072)) + ((192, 65536),)
 
 
-def offload_phases(shape: ModelSpec, points=PHASE_POINTS, variant: str = "nosa", budget: Budget | None = None) -> list[dict]:
+def offload_phases(shape: ModelSpec, points=PHASE_POINTS, variant: str = "nosa", budget: Budget | None = None,
+                   ckey_dtype: str | None = None) -> list[dict]:
     """Per-layer cost of the offloaded path's own work, each phase alone in a CUDA graph (one layer of the shape):
     the selection phase (the scoring state's share of the token kernel, measured as the token kernel with the
     state less the token kernel without it, plus the fused selection), the block-table phase (table update and
     copy plan), and the whole ``attend`` as a trace-driven decode runs it, with every selected block resident (no
     transfer). The first two become the profile's ``selection``/``selection_nosa`` and ``block_table`` tables, the
-    rest of the third its ``attend_glue``."""
+    rest of the third its ``attend_glue``. ``ckey_dtype="fp8"``: e4m3 compressed keys (the ``selection_fp8`` and
+    ``selection_nosa_fp8`` tables; their other phases are the bf16 runs' and are not tabled twice)."""
     from dataclasses import replace
 
     from nosasim.contract import TAIL_SLOTS
@@ -237,7 +239,8 @@ def offload_phases(shape: ModelSpec, points=PHASE_POINTS, variant: str = "nosa",
     out = []
     for B, ctx in points:
         cfg = RuntimeConfig(one, variant, batch=B, context=ctx, steps=8,
-                            budget=budget or Budget.for_variant(variant, 64), host_seqs=min(B, 4))
+                            budget=budget or Budget.for_variant(variant, 64), host_seqs=min(B, 4),
+                            ckey_dtype=ckey_dtype)
         try:
             host = HostStore.allocate(cfg, pin=DEVICE == "cuda")
             host.fill_random(0, DEVICE)
@@ -267,7 +270,7 @@ def offload_phases(shape: ModelSpec, points=PHASE_POINTS, variant: str = "nosa",
             copy_plan(sel, plan, be.tail_done, be.old_tail, be.row_base, be.slot_base, be.C, TAIL_SLOTS, be.loaded,
                       be.state.step, 0, be.all_rows)
 
-        entry = {"variant": variant, "batch": B, "context": ctx, "rows": be.R, "k": cfg.budget.k, "capacity": cfg.slots,
+        entry = {"variant": variant, "ckey_dtype": ckey_dtype or "bf16", "batch": B, "context": ctx, "rows": be.R, "k": cfg.budget.k, "capacity": cfg.slots,
                  "token_state_s": max(t_full - t_bare, 0.0), "select_s": t_select,
                  "selection_s": max(t_full - t_bare, 0.0) + t_select,
                  "block_table_s": time_graph(table, inner=4),
@@ -276,6 +279,16 @@ def offload_phases(shape: ModelSpec, points=PHASE_POINTS, variant: str = "nosa",
         del be, host
         _empty_cache()
     return out
+
+
+# fp8 compressed keys fit larger batches at long contexts: one more point there.
+PHASE_POINTS_FP8 = PHASE_POINTS + ((192, 131072),)
+
+
+def ckey_fp8_phases(shape: ModelSpec, points=PHASE_POINTS_FP8) -> list[dict]:
+    """The offloaded phases of both scoring variants with fp8 compressed keys (their selection tables)."""
+    return (offload_phases(shape, points, variant="infllmv2", ckey_dtype="fp8")
+            + offload_phases(shape, points, variant="nosa", ckey_dtype="fp8"))
 
 
 def profile_name(device: str) -> str:
@@ -375,6 +388,10 @@ def phase_tables(phases: list[dict], sparse: list[dict], shape: ModelSpec) -> di
     by_rows: dict[tuple, list[float]] = {}
     for e in phases:
         kind = "selection_nosa" if e["variant"] == "nosa" else "selection"
+        if e.get("ckey_dtype", "bf16") == "fp8":
+            out.setdefault(kind + "_fp8", []).append({"batch": e["batch"], **dims, "context": e["context"],
+                                                      "seconds": e["selection_s"]})
+            continue
         out[kind].append({"batch": e["batch"], **dims, "context": e["context"], "seconds": e["selection_s"]})
         by_rows.setdefault((e["rows"], e["k"], e["capacity"]), []).append(e["block_table_s"])
         if (e["batch"], e["k"]) in attn:
@@ -396,7 +413,8 @@ def run_all(model: str = DEFAULT_MODEL) -> dict:
            "sparse_attention_fp8": sparse_attention(shape, batches=(1, 8, 16, 32, 64, 96, 128, 176, 256), fp8=True),
            "sparse_attention_walk": sparse_attention_walk(shape),
            "dense_attention": dense_attention(shape), "layer_glue": layer_glue(shape),
-           "offload_phases": offload_phases(shape, variant="infllmv2") + offload_phases(shape, variant="nosa")}
+           "offload_phases": offload_phases(shape, variant="infllmv2") + offload_phases(shape, variant="nosa")
+           + ckey_fp8_phases(shape)}
     for k in ("sparse_attention", "sparse_attention_fp8", "dense_attention", "elementwise", "layer_glue"):
         for e in cal[k]:
             e["seconds"] = max(e["seconds"], 1e-9)

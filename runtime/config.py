@@ -37,7 +37,9 @@ class RuntimeConfig:
     H200: the fused launch is 2.5x slower at 64K-128K contexts and ~10% at 8K, so three is the default).
     ``kv_dtype="fp8"`` keeps the
     host store and the block pool in float8 (e4m3): half the bytes per block over the link and out of HBM,
-    dequantised by the attention kernel (the scoring state stays in ``dtype``). ``host_seqs`` < ``batch`` lets
+    dequantised by the attention kernel. ``ckey_dtype="fp8"`` keeps InfLLM-V2's compressed keys in e4m3 too (the
+    running sums stay fp32): half the bytes scoring reads, converted exactly to ``dtype`` for its dots (the
+    three-launch selection only). ``host_seqs`` < ``batch`` lets
     sequences share host rows (benchmarks only: the bytes moved are the same, the host store's contents are not
     meaningful).
     """
@@ -58,6 +60,7 @@ class RuntimeConfig:
     split_attention: bool = False
     kv_dtype: str | None = None
     selection: str = "three"
+    ckey_dtype: str | None = None
 
     def __post_init__(self):
         choice("RuntimeConfig.variant", self.variant, VARIANTS + (TRACE_VARIANT,))
@@ -92,6 +95,14 @@ class RuntimeConfig:
             if not self.offloaded:
                 raise ValueError("RuntimeConfig.kv_dtype: 'fp8' is for the offloaded store and block pool; dense keeps "
                                  "its KV in the run's dtype")
+        if self.ckey_dtype is not None:
+            choice("RuntimeConfig.ckey_dtype", self.ckey_dtype, ("fp8",))
+            if self.variant not in ("infllmv2", "nosa"):
+                raise ValueError(f"RuntimeConfig.ckey_dtype: 'fp8' is for the compressed keys InfLLM-V2 and NOSA "
+                                 f"score; {self.variant!r} keeps none")
+            if self.selection != "three":
+                raise ValueError("RuntimeConfig.ckey_dtype: fp8 compressed keys are scored by the three-launch "
+                                 f"selection only, got selection={self.selection!r}")
         if not isinstance(self.split_attention, bool) or (self.split_attention and not self.offloaded):
             raise ValueError(f"RuntimeConfig.split_attention: expected a bool, and True only for an offloaded variant, "
                              f"got {self.split_attention!r} with {self.variant!r}")
@@ -137,11 +148,22 @@ class RuntimeConfig:
 
         return torch.float8_e4m3fn if self.kv_dtype == "fp8" else getattr(torch, self.dtype)
 
+    @property
+    def ckey_torch_dtype(self):
+        """The element type of the compressed keys."""
+        import torch
+
+        return torch.float8_e4m3fn if self.ckey_dtype == "fp8" else getattr(torch, self.dtype)
+
+    @property
+    def ckey_bytes(self) -> int:
+        return self.dtype_bytes if self.ckey_dtype is None else KV_DTYPES[self.ckey_dtype]
+
     def gpu_bytes(self) -> dict[str, int]:
         """Planned device memory by part (``nosasim.memory.plan``, the simulator's own), plus the run's per-step
         loaded-block counters (measurement only), checked before anything is allocated."""
         out = memory.plan(self.model_for_memory, self.variant, self.budget, self.policy, self.batch,
-                          self.max_tokens, self.block)
+                          self.max_tokens, self.block, self.ckey_bytes)
         if self.offloaded:
             out["step_counters"] = self.steps * self.shape.layers * self.shape.kv_heads * self.batch * 4
         return out

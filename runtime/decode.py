@@ -33,7 +33,8 @@ def check_fits(cfg: RuntimeConfig, device, weights_given: bool) -> dict[str, int
         free, _ = torch.cuda.mem_get_info(device)
         usable = USABLE_SHARE * free
         largest = memory.largest_batch(usable, cfg.model_for_memory, cfg.variant, cfg.budget, cfg.policy,
-                                       cfg.max_tokens, cfg.block, weights_resident=weights_given)
+                                       cfg.max_tokens, cfg.block, weights_resident=weights_given,
+                                       ckey_bytes=cfg.ckey_bytes)
         memory.refuse_unless_fits(usable, need, f"{cfg.variant} at batch {cfg.batch}, context {cfg.context}",
                                   largest)
     return need

@@ -135,6 +135,13 @@ def main(argv=None) -> int:
                 write_json(os.path.join(a.out, "phases.json"), {"env": environment(), "offload_phases": ph})
                 lines += [f"phases {e['variant']} B={e['batch']} ctx={e['context']}: selection {e['selection_s'] * 1e6:.0f}"
                           f" us, attend {e['attend_all_hits_s'] * 1e6:.0f} us" for e in ph if e["batch"] in (32, 128)]
+            elif stage == "calib-ckey8":  # the phases with fp8 compressed keys (their selection tables)
+                from . import calibrate
+                from nosasim.models import load_model
+                ph = calibrate.ckey_fp8_phases(load_model(a.model))
+                write_json(os.path.join(a.out, "phases-ckey8.json"), {"env": environment(), "offload_phases": ph})
+                lines += [f"phases fp8 keys {e['variant']} B={e['batch']} ctx={e['context']}: selection "
+                          f"{e['selection_s'] * 1e6:.0f} us" for e in ph if e["batch"] in (32, 128, 192)]
             elif stage == "calib-walk":  # one calibration table alone (the split attention pass's walk)
                 from . import calibrate
                 from nosasim.models import load_model

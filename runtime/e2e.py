@@ -108,6 +108,10 @@ EQUAL = [
     E2EConfig("equal-nosa-128k-b120-fp8-mb2", L128N, "nosa", 120, NOSA, kv_dtype="fp8", **MB2),
     E2EConfig("equal-nosa-128k-b96-fp8-lru128-mb2", L128N, "nosa", 96, NOSA.with_capacity(128), "lru",
               kv_dtype="fp8", **MB2),
+    # fp8 compressed keys too: half the bytes scoring reads (the 128K step's largest part) and half their memory,
+    # so larger batches fit; at the batches above for the side-by-side, and at larger ones.
+    *[E2EConfig(f"equal-nosa-{c}k-b{b}-fp8-ck8-mb2", src, "nosa", b, NOSA, kv_dtype="fp8", ckey_dtype="fp8", **MB2)
+      for c, src, b in ((64, L64N, 176), (64, L64N, 240), (128, L128N, 120), (128, L128N, 168))],
 ]
 
 CONFIGS = VALIDATION + FLOOR + EQUAL
@@ -161,7 +165,8 @@ def build_runner(cfg: E2EConfig, weights, stores: dict, traces: dict, copies: bo
     rcfg = RuntimeConfig(PRESETS[cfg.model], cfg.variant, batch=cfg.batch, context=int(ctx[0].max()) - 1,
                          steps=steps, budget=cfg.budget, policy=cfg.policy, microbatches=cfg.microbatches,
                          gather_programs=cfg.gather_programs, split_attention=cfg.split_attention,
-                         kv_dtype=None if cfg.kv_dtype == "bf16" else cfg.kv_dtype)
+                         kv_dtype=None if cfg.kv_dtype == "bf16" else cfg.kv_dtype,
+                         ckey_dtype=None if cfg.ckey_dtype == "bf16" else cfg.ckey_dtype)
     kw = {}
     if cfg.budget is not None:
         host = host_store(rcfg, stores)

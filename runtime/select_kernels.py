@@ -176,7 +176,7 @@ if triton is not None:
             if IEEE:
                 acc = tl.dot(qq.to(tl.float32), tl.trans(kk.to(tl.float32)), input_precision="ieee")
             else:
-                acc = tl.dot(qq, tl.trans(kk))
+                acc = tl.dot(qq, tl.trans(kk.to(qq.dtype)))  # fp8 keys: converted here, after the load
             logit = acc / sqrt_d  # [GQ, BN]
             ok = gm[:, None] & jm[None, :]
             tl.store(lg_ptr + r * lg_sr + g[:, None] * lg_sg + j[None, :], logit, mask=ok)
@@ -388,6 +388,16 @@ def select_blocks_triton(qaware: torch.Tensor, ctx: torch.Tensor, *, k: int, k_q
     return out
 
 
+# Scoring fp8 keys with fp16 dots: on an H200, 394 against 459 us (bf16 dots) and 603 us (bf16 keys) at batch 128,
+# 128K (benchmarks/results/bench_ckey8-h200.json); a bf16 query is exact in fp16 down to 2^-14 in magnitude.
+FP8_KEY_DOTS_IN_F16 = True
+
+
+def fp8_query(q: torch.Tensor) -> torch.Tensor:
+    """The query as fp8 compressed keys are scored against: fp16 for a bf16 query (``FP8_KEY_DOTS_IN_F16``)."""
+    return q.to(torch.float16) if FP8_KEY_DOTS_IN_F16 and q.dtype == torch.bfloat16 else q
+
+
 def qaware_scores_triton(ckeys: torch.Tensor, nc: int, q: torch.Tensor, ctx: torch.Tensor, n_blocks: int, *,
                          stride: int, block_size: int, bn: int | None = None, num_warps: int = 4, bb: int = 128,
                          pool_warps: int = 4) -> torch.Tensor:
@@ -404,7 +414,16 @@ def qaware_scores_triton(ckeys: torch.Tensor, nc: int, q: torch.Tensor, ctx: tor
         return out
     if ckeys.stride(2) != 1 or q.stride(2) != 1:
         raise ValueError("qaware_scores_triton: keys and queries must be contiguous along the head dimension")
-    if q.dtype != ckeys.dtype:  # torch's rounding, done by torch (the interpreter's own fp32 -> bf16 truncates)
+    if ckeys.dtype not in SCORE_DTYPES + (torch.float8_e4m3fn,):
+        raise ValueError(f"qaware_scores_triton: ckeys dtype must be one of {SCORE_DTYPES} or torch.float8_e4m3fn, "
+                         f"got {ckeys.dtype}")
+    if ckeys.dtype == torch.float8_e4m3fn:
+        # fp8 keys are converted in the kernel, exactly, to q's type; a bf16 q is rounded to fp16 first (fp8_query),
+        # since e4m3 -> fp16 is the cheaper conversion (benchmarks/bench_ckey8.py). fp32 runs the ieee dot.
+        if q.dtype not in SCORE_DTYPES:
+            raise ValueError(f"qaware_scores_triton: q dtype must be one of {SCORE_DTYPES}, got {q.dtype}")
+        q = fp8_query(q)
+    elif q.dtype != ckeys.dtype:  # torch's rounding, done by torch (the interpreter's own fp32 -> bf16 truncates)
         q = q.to(ckeys.dtype)
     per = block_size // stride
     nch = triton.cdiv(max(nc, 1), bn)
@@ -419,7 +438,7 @@ def qaware_scores_triton(ckeys: torch.Tensor, nc: int, q: torch.Tensor, ctx: tor
             G=G, GQ=max(16, _pow2(G)), DP=max(16, _pow2(D)), BN=bn, STRIDE=stride,
             # fp32 keys, and CPU tensors (Triton's interpreter multiplies bf16 operands of tl.dot as raw integers):
             # an fp32 ieee dot, exact for 16-bit inputs as well.
-            IEEE=ckeys.dtype == torch.float32 or not ckeys.is_cuda, num_warps=num_warps)
+            IEEE=q.dtype == torch.float32 or not ckeys.is_cuda, num_warps=num_warps)
     _pool_kernel[(R,)](logits, logits.stride(0), logits.stride(1), cmax, csum, ctx, out, out.stride(0), nch, bn,
                        NC=nc, NB=n_blocks, G=G, GP=_pow2(G), CHP=_pow2(nch), STRIDE=stride, PER=per,
                        TP=_pow2(per), BB=min(bb, _pow2(n_blocks)), num_warps=pool_warps)

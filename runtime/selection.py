@@ -118,7 +118,11 @@ def append_token(state: ScoreState, layer: int, pos: torch.Tensor, k: torch.Tens
         acc = state.kacc[layer]
         acc[:, 1] += k.float()
         c = (acc[:, 0] + acc[:, 1]) / (2 * s)
-        state.ckeys[layer].scatter_(1, slot[:, :, None].expand(-1, 1, k.shape[-1]), c[:, None].to(state.ckeys.dtype))
+        ck = state.ckeys[layer]
+        src = c[:, None].to(ck.dtype)
+        if ck.dtype == torch.float8_e4m3fn:  # no scatter for float8 on every device: its bits, through uint8
+            ck, src = ck.view(torch.uint8), src.view(torch.uint8)
+        ck.scatter_(1, slot[:, :, None].expand(-1, 1, k.shape[-1]), src)
         acc[:, 0] = torch.where(done[:, None], acc[:, 1], acc[:, 0])
         acc[:, 1] = torch.where(done[:, None], 0.0, acc[:, 1])
     if cis is not None:
@@ -149,6 +153,9 @@ def qaware_block_scores(state: ScoreState, layer: int, q: torch.Tensor, ctx: tor
                                                    stride=state.stride, block_size=state.block_size)
     s = state.stride
     ck = state.ckeys[layer, :, : state.nc]
+    if ck.dtype == torch.float8_e4m3fn:
+        q = select_kernels.fp8_query(q)  # the kernel's query type for fp8 keys (fp16 for a bf16 query)
+        ck = ck.to(q.dtype)  # e4m3 values are exact in fp16/bf16/fp32: the dot runs in q's type
     logits = torch.matmul(q.to(ck.dtype), ck.transpose(1, 2)).float() / math.sqrt(q.shape[-1])  # [R, G, NC]
     n_c = torch.clamp((ctx - 2 * s) // s + 1, min=0)
     valid = torch.arange(state.nc, device=q.device)[None, :] < n_c[:, None]

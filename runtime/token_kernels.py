@@ -491,7 +491,7 @@ def _check_token_args(q, k, v, buf: TokenBuffers, head_dim: int, row0: int, inv_
             raise ValueError(f"{fn}: buf.ckeys must be [R={R}, NC + 1, D={D}], got "
                              f"{None if ck is None else tuple(ck.shape)}")
         nc = ck.shape[1] - 1
-        want("ckeys", ck, (R, nc + 1, D), FLOAT_DTYPES)
+        want("ckeys", ck, (R, nc + 1, D), POOL_DTYPES)  # float8_e4m3fn keys are encoded like the pool
         want("kacc", buf.kacc, (R, 2, D), (torch.float32,))
     nosa = ("evict_w", "evict_a", "cis", "cscore", "sacc", "static", "tail_done", "old_tail")
     if any(getattr(buf, f) is not None for f in nosa):
@@ -624,6 +624,8 @@ def token_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, buf: TokenBuff
     else:
         pool_kind, pool_arg, pool_strides, n_slots, n_tok = 0, dummy, (0, 0, 0, 0), 0, 0
     ck, ka = (buf.ckeys, buf.kacc) if buf.qaware else (dummy, dummy)
+    if buf.qaware and ck.dtype == torch.float8_e4m3fn:
+        ck = ck.view(torch.uint8)  # stored as its bits by _store_as (kind 3)
     ck_strides = (ck.stride(0), ck.stride(1)) if buf.qaware else (0, 0)
     ka_strides = (ka.stride(0), ka.stride(1)) if buf.qaware else (0, 0)
     if buf.agnostic:

@@ -59,20 +59,29 @@ CASES = [("dense", None, "prev"), ("infllmv2", Budget(12, window=4), "lru"),
 
 @pytest.mark.parametrize("variant,budget,policy", CASES)
 @pytest.mark.parametrize("batch,context", [(3, 500), (1, 127)])
-@pytest.mark.parametrize("kv_dtype", [None, "fp8"])
-def test_runtime_allocates_the_plan(variant, budget, policy, batch, context, kv_dtype):
+@pytest.mark.parametrize("kv_dtype,ckey_dtype", [(None, None), ("fp8", None), ("fp8", "fp8")])
+def test_runtime_allocates_the_plan(variant, budget, policy, batch, context, kv_dtype, ckey_dtype):
     if kv_dtype and variant == "dense":
         pytest.skip("dense keeps its KV in the run's dtype")
+    if ckey_dtype and variant not in ("infllmv2", "nosa"):
+        pytest.skip("only the scoring variants keep compressed keys")
     cfg = RuntimeConfig(SHAPE, variant, batch=batch, context=context, steps=9, budget=budget, policy=policy,
-                        dtype="float32", kv_dtype=kv_dtype)
+                        dtype="float32", kv_dtype=kv_dtype, ckey_dtype=ckey_dtype)
     planned = cfg.gpu_bytes()
     got = _allocated(cfg)
     exact = {k: v for k, v in planned.items() if k in memory.EXACT_PARTS + ("step_counters",) and v}
     assert got == exact
     # The simulator plans the same parts for the same configuration (the runtime adds only its step counters).
     if variant != "trace":
-        sim = memory.plan(cfg.model_for_memory, variant, budget, policy, batch, cfg.max_tokens, cfg.block)
+        sim = memory.plan(cfg.model_for_memory, variant, budget, policy, batch, cfg.max_tokens, cfg.block,
+                          cfg.ckey_bytes)
         assert {k: v for k, v in sim.items() if v} == {k: v for k, v in planned.items() if v and k != "step_counters"}
+    # And the simulator's own configuration of it plans the same.
+    if variant not in ("trace", "dense"):
+        rc = ReplayConfig(variant=variant, batch=batch, kv_dtype=kv_dtype or "bf16", ckey_dtype=ckey_dtype or "bf16",
+                          k=budget.k, k_q=budget.k_q if variant == "nosa" else None, sink=budget.sink,
+                          window=budget.window, capacity=budget.capacity, policy=policy)
+        assert memory.footprint(cfg.model_for_memory, rc, batch, cfg.max_tokens) == sim
 
 
 @pytest.mark.parametrize("variant,budget", [("dense", None), ("nosa", Budget(64, 33)), ("infllmv2", Budget(64))])

@@ -114,6 +114,38 @@ def test_runner_variants_run_on_cpu(variant, k_q, policy):
             r.step()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_compressed_keys_decode_and_load_what_they_select(device):
+    """fp8 compressed keys through the whole decoder (eager; on the GPU its Triton kernels): a run decodes, loads
+    blocks, keeps its keys in e4m3, and selects from them nearly what a bf16-key run selects."""
+    base = RuntimeConfig(SHAPE, variant="nosa", batch=2, context=900, steps=12, policy="prev", dtype="bfloat16",
+                         budget=Budget(12, 8, window=4, capacity=14))
+    picks = []
+    for ck in (None, "fp8"):
+        r = Runner(base.with_(ckey_dtype=ck), device=device, seed=3, exact_prefill=True,
+                   weights=Weights.random(SHAPE, torch.bfloat16, device, 3))
+        assert r.backend.scores.ckeys.dtype == (torch.float8_e4m3fn if ck else torch.bfloat16)
+        sels = []
+        for _ in range(6):
+            r.step()
+            sels.append(r.backend.select(0, torch.randn(r.backend.R, SHAPE.group, SHAPE.head_dim,
+                                                        generator=torch.Generator().manual_seed(len(sels)))
+                                         .to(torch.bfloat16).to(device)).cpu())
+        picks.append(torch.stack(sels))
+        assert int(r.backend.loaded[0].sum()) > 0
+    same = (picks[0].sort(-1).values == picks[1].sort(-1).values).float().mean()
+    assert 0.5 < same
+
+
+def test_fp8_compressed_keys_config_errors():
+    with pytest.raises(ValueError, match="ckey_dtype"):
+        RuntimeConfig(SHAPE, variant="dense", ckey_dtype="fp8")
+    with pytest.raises(ValueError, match="ckey_dtype"):
+        RuntimeConfig(SHAPE, variant="nosa", ckey_dtype="fp8", selection="fused")
+    with pytest.raises(ValueError, match="ckey_dtype"):
+        RuntimeConfig(SHAPE, variant="nosa", ckey_dtype="int4")
+
+
 @pytest.mark.gpu
 def test_check_fits_refuses_before_allocating():
     from runtime.config import PRESETS

@@ -56,3 +56,32 @@ def test_incremental_scoring_matches_reference(device):
     np.testing.assert_allclose(st.static[0, :, :nc].cpu().numpy(), ref_static, rtol=1e-5)
     ref_ck = scoring.compressed_keys(keys.numpy())
     np.testing.assert_allclose(st.ckeys[0, :, : ref_ck.shape[1]].cpu().numpy(), ref_ck, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_incremental_fp8_keys_are_the_rounded_compressed_keys(device):
+    """With fp8 compressed keys, prompt then token by token, each stored key is the fp32 window mean rounded once to
+    e4m3 (the running sums stay fp32, so rounding never accumulates), and the block scores are the reference's on
+    those rounded keys."""
+    g = torch.Generator().manual_seed(3)
+    R, G, D, P, steps, nb = 4, 4, 16, 150, 70, 4
+    keys = torch.randn(R, P + steps, D, generator=g)
+    st = ScoreState.allocate(1, R, D, P + steps, nb, qaware=True, agnostic=False, dtype=torch.float8_e4m3fn,
+                             device=device)
+    assert st.ckeys.dtype == torch.float8_e4m3fn
+    init_prompt(st, 0, keys[:, :P].to(device), None)
+    for t in range(steps):
+        pos = torch.full((R,), P + t, device=device)
+        append_token(st, 0, pos, keys[:, P + t].to(device), None, pos % 64 == 0, pos // 64 - 1)
+    ref_ck = torch.from_numpy(scoring.compressed_keys(keys.numpy()))
+    n = ref_ck.shape[1]
+    got = st.ckeys[0, :, :n].cpu()
+    # fp32 means differ from numpy's in the last bits; a rounding boundary between them moves one e4m3 step.
+    np.testing.assert_allclose(got.float().numpy(), ref_ck.to(torch.float8_e4m3fn).float().numpy(), rtol=0.13,
+                               atol=2e-3)
+    assert (got.float() == ref_ck.to(torch.float8_e4m3fn).float()).float().mean() > 0.99
+    q = torch.randn(R, G, D, generator=g)
+    ctx = torch.full((R,), P + steps, device=device)
+    scores = qaware_block_scores(st, 0, q.to(device), ctx, nb, use_triton=False).cpu().numpy()
+    ref = scoring.block_scores_from_compressed(q.numpy(), got.float().numpy()[:, None], P + steps)[:, 0]
+    np.testing.assert_allclose(scores[:, : ref.shape[-1]], ref, rtol=2e-2, atol=1e-3)

@@ -178,6 +178,40 @@ def test_scores_fp32_query_against_bf16_keys(device):
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("qdtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("case", range(len(SCORE_CASES)))
+def test_scores_with_fp8_keys_match_torch(device, qdtype, case):
+    """fp8 (e4m3) compressed keys: converted exactly to the query's type in the kernel, so the scores are those of
+    the keys' e4m3 values, the same in the torch path; and they differ from the bf16 keys' they were rounded from."""
+    R, G, D, max_tokens, nb = SCORE_CASES[case]
+    if device == "cuda":
+        R *= 32
+    g = torch.Generator().manual_seed(100 + case)
+    st16 = _state(g, R, D, max_tokens, nb, torch.bfloat16, device, extra_rows=2)
+    st8 = ScoreState(st16.ckeys.to(torch.float8_e4m3fn), None, None, None, None, None, st16.stride, st16.block_size)
+    q = torch.randn(R, G, D, generator=g).to(qdtype).to(device)
+    ctx = torch.randint(0, max_tokens + 1, (R,), generator=g).to(device)
+    got = qaware_block_scores(st8, 0, q, ctx, nb, use_triton=True)
+    # A bf16 query meets fp8 keys in fp16 (select_kernels.fp8_query); fp32 stays fp32.
+    qk = q.to(torch.float16) if qdtype == torch.bfloat16 else q
+    ref = qaware_block_scores(_as_f32(st8), 0, qk.float(), ctx, nb, use_triton=False)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(qaware_block_scores(st8, 0, q, ctx, nb, use_triton=False), got, rtol=2e-2, atol=1e-3)
+    bf16 = qaware_block_scores(st16, 0, q, ctx, nb, use_triton=True)
+    finite = got.isfinite()
+    assert torch.equal(finite, bf16.isfinite()) and finite.any()
+    assert not torch.equal(got[finite], bf16[finite])  # the rounding to e4m3 is real
+
+
+def test_fp8_keys_refused_by_the_fused_launch():
+    g = torch.Generator().manual_seed(2)
+    ck, nc, q, ctx, agn = _fused_inputs(g, 3, 4, 16, 400, 7, torch.bfloat16, "cpu")
+    with pytest.raises(ValueError, match="select_fused: ckeys"):
+        select_kernels.select_fused(ck.to(torch.float8_e4m3fn), nc, q, ctx, 7, k=8, k_q_eff=6, sink=1, window=4,
+                                    block_size=BS, agnostic=agn, stride=STRIDE)
+
+
 @pytest.mark.triton
 def test_incremental_scoring_with_kernels_matches_reference():
     """The scoring state built token by token, scored by the kernel, equals nosasim's scores from the full keys."""

@@ -131,7 +131,7 @@ def test_silu_mul(device, dtype):
 
 # --- the token step ---------------------------------------------------------------------------------------------------
 
-def _buffers(g, R, H, D, dtype, pool_dtype, qaware, agnostic, bs, stride, nb, slots, device):
+def _buffers(g, R, H, D, dtype, pool_dtype, qaware, agnostic, bs, stride, nb, slots, device, ck_dtype=None):
     """Random state everywhere (scratch slots and rows outside the part included): poison for the kernel."""
     nc = nb * bs // stride
     f32 = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
@@ -140,7 +140,7 @@ def _buffers(g, R, H, D, dtype, pool_dtype, qaware, agnostic, bs, stride, nb, sl
         dst_slot=torch.zeros(R, dtype=torch.int64), dst_tok=torch.zeros(R, dtype=torch.int64),
         stride=stride, block_size=bs)
     if qaware:
-        buf = replace(buf, ckeys=f32(R, nc + 1, D).to(dtype), kacc=f32(R, 2, D))
+        buf = replace(buf, ckeys=f32(R, nc + 1, D).to(ck_dtype or dtype), kacc=f32(R, 2, D))
     if agnostic:
         buf = replace(buf, evict_w=f32(H, D) / D ** 0.5, evict_a=0.5 * torch.rand(H, generator=g), cis=f32(R, nb * bs),
                       cscore=f32(R, nc + 1), sacc=f32(R, 2), static=f32(R, nb + 1),
@@ -209,6 +209,8 @@ TOKEN_CASES = {  # dtype, pool dtype, D, G, RoPE, compressed keys, NOSA, strided
     "fp16-nosa-only-part": (torch.float16, torch.float16, 16, 2, True, False, True, True, (3, 4), 32),
     "bf16-fp8-pool": (torch.bfloat16, F8, 16, 4, True, True, True, True, (1, 4), 64),
     "fp32-pool-only": (torch.float32, torch.bfloat16, 24, 3, True, False, False, False, (0, 2), 32),
+    # fp8 compressed keys (and pool): the key written as e4m3 codes, the running sums in fp32.
+    "bf16-fp8-keys": (torch.bfloat16, F8, 16, 4, True, True, True, True, (1, 4), 64, F8),
 }
 
 
@@ -216,7 +218,7 @@ def _run_token_steps(device, case, steps=6, grid=None, large=None):
     """Drive kernel and reference through ``steps`` decode steps from equal random state; compare every output
     and the whole state after each step, and the rows outside the part with their initial values at the end.
     ``large`` (default: on the GPU) scales the shapes up: 8 KV heads, 12 sequences, 4x the head dim."""
-    dtype, pool_dtype, D, G, use_rope, qaware, agnostic, strided, (b0, b1), bs = TOKEN_CASES[case]
+    dtype, pool_dtype, D, G, use_rope, qaware, agnostic, strided, (b0, b1), bs, *ck = TOKEN_CASES[case]
     g = torch.Generator().manual_seed(sum(map(ord, case)))
     large = device == "cuda" if large is None else large
     H, nseq = (8, 12) if large else (2, 4)
@@ -225,7 +227,7 @@ def _run_token_steps(device, case, steps=6, grid=None, large=None):
     R, Hq, stride, nb, slots = nseq * H, H * G, 16, 5, 3
     if grid is None:
         grid = "above20" if device == "cpu" else "dyadic"
-    got = _buffers(g, R, H, D, dtype, pool_dtype, qaware, agnostic, bs, stride, nb, slots, device)
+    got = _buffers(g, R, H, D, dtype, pool_dtype, qaware, agnostic, bs, stride, nb, slots, device, *ck)
     if agnostic:
         _grid_weights(g, got, grid)
     ref = _clone(got)

@@ -10,7 +10,8 @@ from pathlib import Path
 from nosasim.cli.cmd_replay import add_config_options, config_from_args, default_trace
 from nosasim.models import config_fields
 
-LISTED = ("variant", "k", "k_q", "capacity", "policy", "batch", "microbatches", "split_attention", "kv_dtype")
+LISTED = ("variant", "k", "k_q", "capacity", "policy", "batch", "microbatches", "split_attention", "kv_dtype",
+          "ckey_dtype")
 
 
 def _run(args) -> int:
@@ -32,7 +33,7 @@ def _run(args) -> int:
     # for budgets, which expand() fills per point).
     defaults = {name: default for name, default, *_ in config_fields()}
     base = config_from_args(args, **{f: (grid[f][0] if f in ("variant", "policy", "batch", "microbatches",
-                                                             "split_attention", "kv_dtype") else None)
+                                                             "split_attention", "kv_dtype", "ckey_dtype") else None)
                                      if f in grid else defaults[f] for f in LISTED})
     head = read_trace(path, 0, 1)  # budgets default to the trace's; one step is enough to read them
     resolved, _, _ = resolve(head, dataclasses.replace(base, variant="nosa" if base.variant == "dense" else base.variant))
@@ -65,7 +66,8 @@ def _run(args) -> int:
     print(f"{len(rows)} points ({skipped} impossible budgets and {len(unreplayable)} points the trace cannot replay "
           f"skipped, {summary['fitting']} fit); Pareto front:")
     for r in front:
-        how = f" {r['kv_dtype']}" + (" split" if r["split_attention"] else "")
+        how = f" {r['kv_dtype']}" + (" ckeys-fp8" if r.get("ckey_dtype") == "fp8" else "") + (
+            " split" if r["split_attention"] else "")
         print(f"  {r['variant']:<8} k={r['k']} k_q={r['k_q']} C={r['capacity']} {r['policy']:<6} batch={r['batch']:<4}"
               f" mb={r['microbatches']}{how}  {r['tokens_per_s']:10.1f} tok/s  {r['gpu_memory_bytes'] / 2**30:7.2f} GiB"
               f"  x floor {r['x_floor']:.2f}")
