@@ -40,6 +40,8 @@ def hbm_read_peak() -> float:
 # The offloaded phases with fp8 compressed keys (their selection tables), measured after run 3 on the runtime of
 # e2e-h200-run4.json, whose kernels are run 3's but for the fp8-key paths.
 CKEY8_PHASES = "runtime_phases-h200-ckey8.json"
+# Denser calibration tables, measured after run 4: attention every 16 batches, selection between the phase rows.
+FILL = "runtime_calibration-h200-fill.json"
 
 
 def assemble_run3(hbm_read_Bps: float) -> dict:
@@ -66,6 +68,23 @@ def assemble_run3(hbm_read_Bps: float) -> dict:
         prof["ops"].update(phase_tables(ph["offload_phases"], [], load_model("llama3-8b")))
         prof["provenance"] += (f"; selection_fp8 and selection_nosa_fp8 from a calibration call of "
                                f"{ph['env']['date']} ({CKEY8_PHASES}: runtime.calibrate.ckey_fp8_phases)")
+    fill = RES / FILL
+    if fill.exists():  # denser tables from a later calibration call (same kernels)
+        from nosasim.models import load_model
+        from runtime.calibrate import phase_tables
+
+        cal2 = json.loads(fill.read_text())
+        for kind in ("sparse_attention", "sparse_attention_fp8"):
+            prof["ops"][kind] = cal2[kind]
+        for kind, entries in phase_tables(cal2["offload_phases"], [], load_model("llama3-8b")).items():
+            if kind.startswith("selection"):
+                have = {(e["batch"], e["context"]) for e in entries}
+                prof["ops"][kind] = sorted([e for e in prof["ops"].get(kind, []) if (e["batch"], e["context"])
+                                            not in have] + entries, key=lambda e: (e["batch"], e["context"]))
+        prof["provenance"] += (f"; sparse_attention, sparse_attention_fp8 (every 16 batches, the runtime's slot "
+                               f"layout) and selection points at batch 16-96, 64K-128K from a calibration call of "
+                               f"{cal2['env']['date']} ({FILL}: runtime.calibrate.sparse_attention(layout='runtime'), "
+                               f"fill_phases)")
     Profile.from_dict(prof)
     prof["name"] = "h200-pcie5"
     return prof

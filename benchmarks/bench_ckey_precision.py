@@ -208,8 +208,11 @@ def reference_check(path: str, text_prov: dict, generated: list, qaware: np.ndar
     if their.get("token_ids_sha256") != text_prov["text"]["token_ids_sha256"]:
         return {"trace": path, "skipped": "different prompt (token ids' SHA-256 differ)"}
     n = min(len(generated), tr.steps)
-    got = stored_scores(qaware[:n], "bf16").astype(np.float32)
-    want = tr.qaware_score[:n].astype(np.float32)
+    nb = min(qaware.shape[-1], tr.qaware_score.shape[-1])
+    got = stored_scores(qaware[:n, ..., :nb], "bf16").astype(np.float32)
+    want = tr.qaware_score[:n, ..., :nb].astype(np.float32)
+    if got.shape != want.shape:
+        return {"trace": path, "skipped": f"shapes differ: {got.shape} here, {want.shape} in the trace"}
     ok = ~np.isnan(want)
     return {"trace": path, "steps_compared": n, "prompt_tokens": int(prov.get("prompt_tokens", n_prompt)),
             "generated_tokens_equal": generated[:n] == list(prov["generated_token_ids"][:n]),
@@ -258,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--reference-trace", default=REFERENCE_TRACE,
                    help="score trace of the same prompt to check tokens and scores against ('' to skip)")
+    p.add_argument("--save-arrays", default="", help="also write the score, mass and agnostic arrays to this .npz")
     p.add_argument("-o", "--out", required=True, help="output JSON")
     a = p.parse_args(argv)
 
@@ -298,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     context_len = n_prompt + 1 + np.arange(a.steps)
     t0 = time.perf_counter()
     scores = {"fp32": tap.qaware, **tap.qaware_by}
+    if a.save_arrays:
+        np.savez_compressed(a.save_arrays, mass=tap.mass, agnostic=tap.static[PROXY], context_len=context_len,
+                            **{f"score_{k}": v for k, v in scores.items()})
     for name, s in scores.items():
         if np.isnan(s[..., : (n_prompt) // BLOCK]).any():
             raise AssertionError(f"{name}: scores missing for complete blocks")
@@ -337,8 +344,11 @@ def main(argv: list[str] | None = None) -> int:
         "results": res,
     }
     if a.reference_trace:
-        report["reference_trace_check"] = reference_check(a.reference_trace, text_prov, generated, tap.qaware,
-                                                          n_prompt)
+        try:
+            report["reference_trace_check"] = reference_check(a.reference_trace, text_prov, generated, tap.qaware,
+                                                              n_prompt)
+        except Exception as exc:  # a side check: report it, keep the measurement
+            report["reference_trace_check"] = {"trace": a.reference_trace, "error": repr(exc)}
     timing["load_s"] = round(t_load, 2)
     timing["analysis_s"] = round(time.perf_counter() - t0, 2)
     timing["total_s"] = round(time.perf_counter() - t_start, 2)

@@ -112,6 +112,11 @@ NO_ROOFLINE = ("sparse_attention_walk",)
 GRID_SECOND = {"sparse_attention_walk": "k_blocks", "sparse_attention": "k_blocks", "sparse_attention_fp8": "k_blocks"}
 
 
+# How far past its last measured context (a share of the asked one) a grid table's batch row still counts as
+# measured there (the e2e steps run up to a few hundred tokens past the calibrated 131,072).
+REACH = 0.1
+
+
 def _linear(xs: np.ndarray, ys: np.ndarray, x) -> np.ndarray:
     """Piecewise-linear through (xs, ys), extrapolated along the end segments; one point: proportional to x."""
     x = np.asarray(x, dtype=np.float64)
@@ -184,6 +189,13 @@ class CostModel:
         grid = self._grids.get(kind)
         if grid is None:
             return None
+        # A batch row measured only at shorter contexts would be extrapolated far along its last segment, which
+        # follows the costs of short rows (launch, top-k start), not the per-key reads that dominate long ones: where
+        # other rows were measured near the asked context, interpolate in batch between those alone.
+        reach = float(np.max(context)) * (1.0 - REACH)
+        near = {b: v for b, v in grid.items() if v[0][-1] >= reach}
+        if near and len(near) < len(grid):
+            grid = near
         bs = np.array(list(grid))
         at = np.array([_linear(*grid[b], context) for b in bs])  # [batches, steps]
         if len(bs) == 1 or batch > bs[-1]:

@@ -296,7 +296,9 @@ class OffloadBackend(_Base):
         return merge_attention(o_hit, l_hit, o_miss, l_miss)[0]
 
     def end_step(self) -> None:
-        if self.copy_stream is not None:
+        # Without copies the copy stream never joins the step: waiting on it would pull a stream outside a CUDA
+        # graph's capture into it, which invalidates the capture.
+        if self.copy_stream is not None and self.copies:
             torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
 
     def flush(self) -> None:

@@ -98,29 +98,47 @@ def elementwise(sizes=(1 << 16, 1 << 20, 1 << 24, 1 << 27)) -> list[dict]:
     return out
 
 
+# Batches of the attention tables in the runtime's layout: every 16 up to 256 rows' worth, since the kernel's
+# launch (rounds of programs per SM) makes its time per row vary between neighbouring batches.
+LAYOUT_BATCHES = (1, 8, 16, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 224, 256)
+
+
 def sparse_attention(shape: ModelSpec, batches=(1, 8, 16, 32, 64, 96, 128, 256), ks=(16, 32, 64, 128),
-                     fp8: bool = False) -> list[dict]:
+                     fp8: bool = False, layout: str = "ordered") -> list[dict]:
     """The attention kernel as the offloaded backend launches it: ``k_blocks - 1`` selected complete blocks plus a
     full tail per row, in a pool of ``k_blocks + 1`` slots (distinct slots per row, as the block table assigns);
-    ``fp8``: an e4m3 block pool (the ``sparse_attention_fp8`` table)."""
+    ``fp8``: an e4m3 block pool (the ``sparse_attention_fp8`` table). ``layout="ordered"``: every row reads its
+    slots in order from a pool of ``max(ks) + 1`` slots; ``"runtime"``: as a decode step with ``C = k - 1`` holds
+    them, a pool of ``k + 1`` slots per row (``C`` plus two tail slots) read in a random order per row."""
     from .attention import EntryPlan, decode_attention
 
+    if layout not in ("ordered", "runtime"):
+        raise ValueError(f"layout: expected 'ordered' or 'runtime', got {layout!r}")
     out = []
     q_heads, kv_heads, d = shape.q_heads, shape.kv_heads, shape.head_dim
     G = q_heads // kv_heads
+    g = torch.Generator(device=DEVICE).manual_seed(0)
     for B in batches:
         R = B * kv_heads
-        pool = torch.randn(R, max(ks) + 1, 2, 64, d, device=DEVICE, dtype=torch.bfloat16)
-        if fp8:
-            pool = pool.to(torch.float8_e4m3fn)
         q = torch.randn(R, G, d, device=DEVICE, dtype=torch.bfloat16)
+        pool = None
         for k in ks:
-            slots = torch.arange(k - 1, device=DEVICE).expand(R, k - 1).contiguous()
-            tail = torch.full((R,), k - 1, device=DEVICE, dtype=torch.int64)
+            if pool is None or layout == "runtime":
+                del pool
+                n_slots = max(ks) + 1 if layout == "ordered" else k + 1
+                pool = torch.randn(R, n_slots, 2, 64, d, device=DEVICE, dtype=torch.bfloat16)
+                if fp8:
+                    pool = pool.to(torch.float8_e4m3fn)
+            if layout == "ordered":
+                slots = torch.arange(k - 1, device=DEVICE).expand(R, k - 1).contiguous()
+            else:  # the k - 1 complete blocks in random slots of the first k, the tail in slot k
+                slots = torch.rand(R, k, device=DEVICE, generator=g).argsort(-1)[:, : k - 1].contiguous()
+            tail = torch.full((R,), k if layout == "runtime" else k - 1, device=DEVICE, dtype=torch.int64)
             plan = EntryPlan(slots, slots, tail, tail, torch.full((R,), 64, device=DEVICE, dtype=torch.int64))
             out.append({"batch": B, "q_heads": q_heads, "kv_heads": kv_heads, "head_dim": d, "k_blocks": k,
                         "seconds": time_graph(lambda: decode_attention(q, pool, plan))})
         del pool
+        _empty_cache()
     return out
 
 
@@ -279,6 +297,16 @@ def offload_phases(shape: ModelSpec, points=PHASE_POINTS, variant: str = "nosa",
         del be, host
         _empty_cache()
     return out
+
+
+# Batches between the PHASE_POINTS rows at 64K and 128K (micro-batches of large batches run there).
+FILL_POINTS = ((16, 65536), (64, 65536), (96, 65536), (16, 131072), (48, 131072), (64, 131072), (96, 131072))
+
+
+def fill_phases(shape: ModelSpec, points=FILL_POINTS) -> list[dict]:
+    """The offloaded phases of both scoring variants, with bf16 and fp8 compressed keys, at ``FILL_POINTS``."""
+    return [e for v in ("infllmv2", "nosa") for ck in (None, "fp8")
+            for e in offload_phases(shape, points, variant=v, ckey_dtype=ck)]
 
 
 # fp8 compressed keys fit larger batches at long contexts: one more point there.

@@ -142,6 +142,21 @@ def main(argv=None) -> int:
                 write_json(os.path.join(a.out, "phases-ckey8.json"), {"env": environment(), "offload_phases": ph})
                 lines += [f"phases fp8 keys {e['variant']} B={e['batch']} ctx={e['context']}: selection "
                           f"{e['selection_s'] * 1e6:.0f} us" for e in ph if e["batch"] in (32, 128, 192)]
+            elif stage == "calib-fill":  # attention in the runtime's layout, every 16 batches; phases between rows
+                from . import calibrate
+                from nosasim.models import load_model
+                shape = load_model(a.model)
+                fill = {"sparse_attention": calibrate.sparse_attention(shape, calibrate.LAYOUT_BATCHES, layout="runtime"),
+                        "sparse_attention_fp8": calibrate.sparse_attention(shape, calibrate.LAYOUT_BATCHES, fp8=True,
+                                                                           layout="runtime")}
+                write_json(os.path.join(a.out, "calib-fill.json"), {"env": environment(), **fill})
+                fill["offload_phases"] = calibrate.fill_phases(shape)
+                write_json(os.path.join(a.out, "calib-fill.json"), {"env": environment(), **fill})
+                lines.append("attention (runtime layout), k=64: " + ", ".join(
+                    f"B{e['batch']} {e['seconds'] * 1e6:.0f}/{f['seconds'] * 1e6:.0f}us"
+                    for e, f in zip(fill["sparse_attention"], fill["sparse_attention_fp8"]) if e["k_blocks"] == 64))
+                lines += [f"phases {e['variant']} {e['ckey_dtype']} B={e['batch']} ctx={e['context']}: selection "
+                          f"{e['selection_s'] * 1e6:.0f} us" for e in fill["offload_phases"]]
             elif stage == "calib-walk":  # one calibration table alone (the split attention pass's walk)
                 from . import calibrate
                 from nosasim.models import load_model
