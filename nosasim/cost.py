@@ -206,6 +206,35 @@ class CostModel:
         t = at[i] + (at[i + 1] - at[i]) * (batch - bs[i]) / (bs[i + 1] - bs[i])
         return np.maximum(t, 0.0)
 
+    def reach_notes(self, batch: int, context: float) -> list[str]:
+        """Where this configuration's per-micro-batch ``batch`` and longest ``context`` lie outside what the
+        profile's tables measured for this model shape, one sentence each (empty when every table it reads covers
+        them): a prediction there rests on the tables' extrapolation rules, not on measured points."""
+        kinds = [self.attention_kind if self.cfg.offloaded else "dense_attention"]
+        if self.cfg.offloaded:
+            kinds.append(self.selection_kind)
+        notes = []
+        for kind in kinds:
+            grid = self._grids.get(kind)
+            if grid is None:
+                have = kind in self.p.ops
+                notes.append(f"{kind}: " + ("measured on other model shapes only" if have else "not calibrated") +
+                             ": read off the roofline and an efficiency curve")
+                continue
+            bmax = max(grid)
+            if batch > bmax:
+                notes.append(f"{kind}: batch {batch} past the largest measured, {bmax:g} (taken in proportion)")
+            if GRID_SECOND.get(kind, "context") == "context":
+                cmax = max(float(xs[-1]) for xs, _ in grid.values())
+                if context > cmax * (1.0 + REACH):
+                    notes.append(f"{kind}: context {context:,.0f} past the longest measured, {cmax:,.0f} "
+                                 f"(extrapolated along its last segment)")
+            else:
+                kmax = max(float(xs[-1]) for xs, _ in grid.values())
+                if self.cfg.k > kmax:
+                    notes.append(f"{kind}: k {self.cfg.k} past the largest measured, {kmax:g}")
+        return notes
+
     def batch_table(self, kind: str, batch: int) -> float | None:
         """Seconds of a composite per-layer op at ``batch`` from its calibration table, or None without one."""
         curve = self._batch_curves.get(kind)

@@ -145,3 +145,23 @@ def test_every_bundled_profile_costs_every_preset_model(profile):
             if variant == "nosa":
                 before, after = cost.attention_split(4, np.full(3, 40.0), np.full(3, 8.0))
                 assert np.all(before > 0) and np.all(after > 0)
+
+
+def test_reach_notes_name_the_tables_read_outside_their_measured_range():
+    shape = {"q_heads": 32, "kv_heads": 8, "head_dim": 128}
+    sel = [{"batch": b, **shape, "context": c, "seconds": 1e-5 * b * c / 8192} for b in (8, 64) for c in (8192, 32768)]
+    att = [{"batch": b, **shape, "k_blocks": k, "seconds": 1e-6 * b * k} for b in (8, 64) for k in (32, 64)]
+    c = CostModel(_profile(selection_nosa=sel, sparse_attention=att), load_model("llama3-8b"),
+                  ReplayConfig(variant="nosa", k=64))
+    assert c.reach_notes(64, 32768.0) == [] and c.reach_notes(8, 35000.0) == []  # within REACH of 32K
+    notes = c.reach_notes(128, 131072.0)
+    assert len(notes) == 3 and all("past the" in n for n in notes)
+    assert any(n.startswith("selection_nosa: context 131,072") for n in notes)
+    assert any(n.startswith("sparse_attention: batch 128") for n in notes)
+    assert CostModel(_profile(selection_nosa=sel, sparse_attention=att), load_model("llama3-8b"),
+                     ReplayConfig(variant="nosa", k=128)).reach_notes(8, 8192.0) == [
+        "sparse_attention: k 128 past the largest measured, 64"]
+    # Another model's shape: the grids do not apply, and the notes say so.
+    other = CostModel(_profile(selection_nosa=sel, sparse_attention=att), load_model("smollm2-135m"),
+                      ReplayConfig(variant="nosa", k=64))
+    assert all("other model shapes" in n for n in other.reach_notes(8, 8192.0))

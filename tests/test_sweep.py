@@ -89,6 +89,23 @@ def test_sweep_command_writes_outputs(trace_path, tmp_path):
     assert not list(out.glob(".*tmp"))  # atomic writes leave no temporary files
 
 
+def test_sweep_dense_first_beside_fp8_element_types(trace_path, tmp_path):
+    """Dense listed first with fp8 blocks and keys (and split attention) on the grid: dense points keep bf16 and no
+    split, the NOSA points take every listed element type."""
+    out = tmp_path / "out"
+    code = main(["sweep", str(trace_path), "--model", "smollm2-135m", "--variant", "dense,nosa", "--kv-dtype", "fp8",
+                 "--ckey-dtype", "bf16,fp8", "--split-attention", "true", "--batch", "2", "--workers", "1", "--quiet",
+                 "--out", str(out)])
+    assert code == 0
+    with open(out / "points.csv") as f:
+        rows = list(csv.DictReader(f))
+    dense = [r for r in rows if r["variant"] == "dense"]
+    nosa = [r for r in rows if r["variant"] == "nosa"]
+    assert len(dense) == 1 and dense[0]["kv_dtype"] == dense[0]["ckey_dtype"] == "bf16"
+    assert dense[0]["split_attention"] == "False"
+    assert sorted(r["ckey_dtype"] for r in nosa) == ["bf16", "fp8"] and {r["kv_dtype"] for r in nosa} == {"fp8"}
+
+
 def test_compare_command(trace_path, tmp_path, capsys):
     png = tmp_path / "c.png"
     assert main(["compare", str(trace_path), "--model", "smollm2-135m", "--batch", "4", "--plot", str(png),

@@ -110,6 +110,7 @@ def format_prediction(pred) -> str:
         of = f" of {gib(pred.host_memory_bytes)}" if pred.host_memory_bytes else " (the profile gives no host size)"
         flag = "   DOES NOT FIT the host's memory" if pred.host_fits is False else ""
         lines.append(f"  host memory (pinned KV)          {gib(pred.host_kv_bytes):>14}{of}{flag}")
+    lines += [f"  outside calibration: {note}" for note in pred.outside_calibration]
     lines += [
         "  breakdown of the median step:",
     ]

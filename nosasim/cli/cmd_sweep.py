@@ -32,9 +32,14 @@ def _run(args) -> int:
     # The base config holds the unlisted fields; listed ones get a valid placeholder (their first value, or None
     # for budgets, which expand() fills per point).
     defaults = {name: default for name, default, *_ in config_fields()}
-    base = config_from_args(args, **{f: (grid[f][0] if f in ("variant", "policy", "batch", "microbatches",
-                                                             "split_attention", "kv_dtype", "ckey_dtype") else None)
-                                     if f in grid else defaults[f] for f in LISTED})
+    placeholder = {f: (grid[f][0] if f in ("variant", "policy", "batch", "microbatches", "split_attention",
+                                           "kv_dtype", "ckey_dtype") else None)
+                   if f in grid else defaults[f] for f in LISTED}
+    if placeholder["variant"] == "dense":
+        # Dense as the first variant with listed fp8 element types or split attention would be refused as a
+        # placeholder; expand() sets those per point (dense's to its own).
+        placeholder.update(split_attention=False, kv_dtype="bf16", ckey_dtype="bf16")
+    base = config_from_args(args, **placeholder)
     head = read_trace(path, 0, 1)  # budgets default to the trace's; one step is enough to read them
     resolved, _, _ = resolve(head, dataclasses.replace(base, variant="nosa" if base.variant == "dense" else base.variant))
     base = dataclasses.replace(base, model=resolved.model, k=resolved.k if base.k is None else base.k,

@@ -143,6 +143,9 @@ class Prediction:
     # dense, which keeps nothing on the host). Every slot of the batch is its own sequence with its own history.
     host_memory_bytes: float = 0.0
     host_fits: bool | None = None
+    # Tables read outside the range their calibration measured (per micro-batch batch, longest context), one
+    # sentence each; empty when every table this configuration reads covers it.
+    outside_calibration: list = field(default_factory=list)
     step_times: np.ndarray | None = field(default=None, repr=False)
     floor_steps: object = field(default=None, repr=False)
 
@@ -219,6 +222,8 @@ def predict(trace, cfg: ReplayConfig, *, method: str = "analytic", cache_result=
         steps=plan.steps, method=method, config=dataclasses.asdict(cfg),
         floor=floor.at(np.arange(plan.steps)), step_times=result.step_s, floor_steps=floor,
         host_memory_bytes=profile.host_memory_bytes, host_fits=host_fits(profile, cfg, host),
+        outside_calibration=cost.reach_notes(max(len(g) for g in microbatch_groups(cfg.batch, cfg.microbatches)),
+                                             float(ctx_max)),
     )
 
 
