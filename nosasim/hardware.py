@@ -264,18 +264,23 @@ def bundled_profiles() -> list[str]:
     return sorted(p.stem for p in PROFILE_DIR.glob("*.json"))
 
 
-def load_profile(name_or_path: str | Path) -> Profile:
-    """Load a bundled profile by name (``h100-pcie5``) or any profile JSON by path."""
+def read_profile(name_or_path: str | Path, option: str = "--profile") -> dict:
+    """The JSON object of a bundled profile by name (``h100-pcie5``) or of any profile JSON by path, unvalidated;
+    ``option`` names the command-line option in errors."""
     path = Path(name_or_path)
     if not path.suffix:
         path = PROFILE_DIR / f"{name_or_path}.json"
         if not path.exists():
-            raise ValueError(f"--profile: unknown profile {str(name_or_path)!r}; expected one of "
+            raise ValueError(f"{option}: unknown profile {str(name_or_path)!r}; expected one of "
                              f"{bundled_profiles()} or a path to a profile JSON")
     elif not path.exists():
-        raise ValueError(f"--profile: no such file {str(path)!r}")
+        raise ValueError(f"{option}: no such file {str(path)!r}")
     try:
-        data = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ValueError(f"profile {str(path)!r}: not valid JSON ({exc})") from None
-    return Profile.from_dict(data)
+
+
+def load_profile(name_or_path: str | Path) -> Profile:
+    """Load a bundled profile by name (``h100-pcie5``) or any profile JSON by path."""
+    return Profile.from_dict(read_profile(name_or_path))
