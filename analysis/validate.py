@@ -139,8 +139,28 @@ def validate(measurements: str, profile: str) -> dict:
     return {
         "measurements": measurements, "profile": profile, "device": data.get("device", {}),
         "date_measured": data.get("date"), "rows": rows,
-        "median_abs_error": statistics.median(errs), "max_abs_error": max(errs),
+        "median_abs_error": statistics.median(errs), "max_abs_error": max(errs), "splits": splits(rows),
     }
+
+
+# Random configurations (runtime.e2e.random_configs) carry their split in their name: ``rand-t..`` may be looked
+# at while the model changes, ``rand-h..`` is held out; every other configuration is hand-picked.
+SPLITS = (("random, tune", "rand-t"), ("random, held out", "rand-h"))
+
+
+def split_of(name: str) -> str:
+    return next((label for label, prefix in SPLITS if name.startswith(prefix)), "hand-picked")
+
+
+def splits(rows: list[dict]) -> dict:
+    """Median and max |error| and count per split, for the splits present."""
+    out = {}
+    for label in ("hand-picked", *(lab for lab, _ in SPLITS)):
+        errs = [abs(r["error"]) for r in rows if split_of(r["name"]) == label]
+        if errs:
+            out[label] = {"configurations": len(errs), "median_abs_error": statistics.median(errs),
+                          "max_abs_error": max(errs)}
+    return out
 
 
 def to_markdown(report: dict) -> str:
@@ -152,6 +172,9 @@ def to_markdown(report: dict) -> str:
         f"`{report['profile']}` (calibrated from isolated microbenchmarks only).", "",
         f"**Median |error| {100 * report['median_abs_error']:.1f}%, max |error| {100 * report['max_abs_error']:.1f}%** "
         f"over {len(report['rows'])} configurations.", "",
+        *([f"- {label}: median |error| {100 * v['median_abs_error']:.1f}%, max {100 * v['max_abs_error']:.1f}% over "
+           f"{v['configurations']} configurations" for label, v in report.get("splits", {}).items()] + [""]
+          if len(report.get("splits", {})) > 1 else []),
         "| configuration | variant | batch | measured ms | predicted ms | error | meas. tok/s | pred. tok/s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]

@@ -437,12 +437,13 @@ def run_all(model: str = DEFAULT_MODEL) -> dict:
     shape = load_model(model)
     free, total = torch.cuda.mem_get_info()
     cal = {"model": model, "reserved_bytes": max(0, total - free), "ceilings": ceilings(), "gemm": gemms(shape),
-           "elementwise": elementwise(), "sparse_attention": sparse_attention(shape),
-           "sparse_attention_fp8": sparse_attention(shape, batches=(1, 8, 16, 32, 64, 96, 128, 176, 256), fp8=True),
+           "elementwise": elementwise(), "sparse_attention": sparse_attention(shape, LAYOUT_BATCHES, layout="runtime"),
+           "sparse_attention_fp8": sparse_attention(shape, LAYOUT_BATCHES, fp8=True, layout="runtime"),
            "sparse_attention_walk": sparse_attention_walk(shape),
            "dense_attention": dense_attention(shape), "layer_glue": layer_glue(shape),
+           # Every (batch, context) of PHASE_POINTS and FILL_POINTS, both variants, both key types.
            "offload_phases": offload_phases(shape, variant="infllmv2") + offload_phases(shape, variant="nosa")
-           + ckey_fp8_phases(shape)}
+           + ckey_fp8_phases(shape) + fill_phases(shape)}
     for k in ("sparse_attention", "sparse_attention_fp8", "dense_attention", "elementwise", "layer_glue"):
         for e in cal[k]:
             e["seconds"] = max(e["seconds"], 1e-9)

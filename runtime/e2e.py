@@ -119,7 +119,63 @@ EQUAL = [
 FP8 = [E2EConfig(f"nosa-{c}k-b{b}-fp8-ck8", src, "nosa", b, NOSA, kv_dtype="fp8", ckey_dtype="fp8")
        for c, src, b in ((64, L64N, 176), (128, L128N, 120))]
 
-CONFIGS = VALIDATION + FLOOR + EQUAL + FP8
+
+
+def random_configs(seed: int = 2026, n: int = 24, usable_bytes: float = 0.9 * 150109880320) -> list[E2EConfig]:
+    """Validation configurations drawn at random (seeded, so every machine draws the same list) from the space the
+    CLI accepts: variant, context 8K-128K (and its trace), batch, k, k_q, C, policy, micro-batches, block and key
+    types; each one fits ``usable_bytes`` of GPU memory (default: an H200's, with headroom) and its trace. Names
+    alternate between two splits: ``rand-t..`` (tune: may be looked at while the model changes) and ``rand-h..``
+    (held out: reported, never used to change the model)."""
+    from nosasim import memory
+    from nosasim.batch import plan_batch
+    from nosasim.contract import KV_DTYPES
+
+    rng = np.random.default_rng(seed)
+    shape = PRESETS["llama3-8b"]
+    need = WARMUP + 2 + TIMED + 1
+    sources = {8192: ({"nosa": REAL, "infllmv2": REAL, "dense": REAL}, 1, 256),
+               32768: ({"nosa": L32N, "infllmv2": L32I, "dense": L32I}, SYNTH_LONG["seqs"], SYNTH_LONG["steps"]),
+               65536: ({"nosa": L64N, "infllmv2": L64I, "dense": L64I}, SYNTH_LONG["seqs"], SYNTH_LONG["steps"]),
+               131072: ({"nosa": L128N, "infllmv2": L128I, "dense": L128I}, SYNTH_LONG["seqs"], SYNTH_LONG["steps"])}
+    out: list[E2EConfig] = []
+    while len(out) < n:
+        context = int(rng.choice(list(sources)))
+        srcs, seqs, steps = sources[context]
+        variant = str(rng.choice(["dense", "infllmv2", "nosa", "nosa"]))
+        budget, policy, kv, ck = None, "prev", "bf16", "bf16"
+        if variant != "dense":
+            k = int(rng.choice([32, 64]))
+            k_q = int(rng.integers(18, k + 1)) if variant == "nosa" else None
+            capacity = int(rng.choice([k - 1, k + k // 2, 2 * k]))
+            budget = Budget.for_variant(variant, k, k_q, capacity=capacity)
+            policy = str(rng.choice(["prev", "lru", "lfu"] + (["static"] if variant == "nosa" else [])))
+            kv = str(rng.choice(["bf16", "fp8"]))
+            ck = str(rng.choice(["bf16", "fp8"]))
+        tokens = context + 256
+        block = shape.block(64, kv_dtype=None if kv == "bf16" else kv)
+        fit = memory.largest_batch(usable_bytes, shape, variant, budget, policy, tokens, block,
+                                   ckey_bytes=KV_DTYPES[ck])
+        top = min(fit, 128 if seqs == 1 else 192)
+        if top < 4:
+            continue
+        batch = int(rng.integers(4, top + 1))
+        try:
+            if plan_batch(seqs, steps, batch).steps < need:
+                continue
+        except ValueError:
+            continue
+        mb = int(rng.choice([1, 2])) if variant != "dense" and batch >= 16 else 1
+        split = "t" if len(out) % 2 == 0 else "h"
+        name = f"rand-{split}{len(out):02d}-{variant}-{context // 1024}k-b{batch}"
+        out.append(E2EConfig(name, srcs[variant], variant, batch, budget, policy,
+                             **({"microbatches": 2, "gather_programs": 33} if mb == 2 else {}),
+                             kv_dtype=kv, ckey_dtype=ck if variant != "dense" else "bf16"))
+    return out
+
+
+RANDOM = random_configs()
+CONFIGS = VALIDATION + FLOOR + EQUAL + FP8 + RANDOM
 
 
 def host_store(cfg: RuntimeConfig, stores: dict) -> HostStore:

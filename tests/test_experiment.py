@@ -62,3 +62,36 @@ def test_replay_batch_and_fingerprint():
     np.testing.assert_array_equal(same.sel, trace.sel)  # recorded budget, batch = seqs: the trace itself
     with pytest.raises(ValueError, match="no such file"):
         load_source("no/such.nosatrace")
+
+
+def test_random_configurations_are_seeded_valid_and_split():
+    pytest.importorskip("torch")
+    from nosasim import memory
+    from nosasim.contract import KV_DTYPES
+    from runtime.config import PRESETS
+    from runtime.e2e import CONFIGS, RANDOM, random_configs
+
+    assert random_configs() == RANDOM and random_configs(seed=1) != RANDOM  # seeded: every machine draws these
+    assert len(RANDOM) == 24 and len({c.name for c in CONFIGS}) == len(CONFIGS)
+    assert sum(c.name.startswith("rand-t") for c in RANDOM) == sum(c.name.startswith("rand-h") for c in RANDOM) == 12
+    assert {c.policy for c in RANDOM if c.budget} == {"prev", "lru", "lfu", "static"}
+    assert {c.variant for c in RANDOM} == {"dense", "infllmv2", "nosa"}
+    assert {int(c.name.split("-")[3][:-1]) for c in RANDOM} == {8, 32, 64, 128}
+    shape = PRESETS["llama3-8b"]
+    for c in RANDOM:
+        block = shape.block(64, kv_dtype=None if c.kv_dtype == "bf16" else c.kv_dtype)
+        tokens = int(c.name.split("-")[3][:-1]) * 1024 + 256
+        fit = memory.largest_batch(0.9 * 150109880320, shape, c.variant, c.budget, c.policy, tokens, block,
+                                   ckey_bytes=KV_DTYPES[c.ckey_dtype])
+        assert c.batch <= fit, c.name
+
+
+def test_validation_reports_each_split():
+    from analysis.validate import splits
+
+    rows = [{"name": n, "error": e} for n, e in (("a", 0.01), ("b", -0.03), ("rand-t00-x", 0.02),
+                                                 ("rand-h01-x", -0.05), ("rand-h03-x", 0.01))]
+    got = splits(rows)
+    assert got["hand-picked"] == {"configurations": 2, "median_abs_error": 0.02, "max_abs_error": 0.03}
+    assert got["random, tune"]["configurations"] == 1 and got["random, held out"]["max_abs_error"] == 0.05
+    assert splits(rows[:2]).keys() == {"hand-picked"}
