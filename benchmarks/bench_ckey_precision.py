@@ -63,33 +63,16 @@ def _roundings():
 
 def decode(model, input_ids, steps: int, proxy: str, log=None):
     """Greedy decode ``steps`` tokens through a tap with the roundings; returns ``(tap, generated, timing)``."""
-    import torch
-
     from traces.hook import AttentionTap
     from traces.proxies import make_proxy
+    from traces.record import decode_through
 
     c = model.config
     n_prompt = input_ids.shape[1]
     n_blocks = (n_prompt + steps - 1) // BLOCK + 1
     tap = AttentionTap(c.num_hidden_layers, c.num_key_value_heads, steps, n_blocks, {proxy: make_proxy(proxy)},
                        BLOCK, ckey_roundings=_roundings())
-    tap.install(model)
-    generated = []
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        tap.step = None
-        out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
-        t_prefill = time.perf_counter() - t0
-        if log:
-            log(f"prefill of {n_prompt} tokens: {t_prefill:.1f} s")
-        for t in range(steps):
-            if log and t and t % 16 == 0:
-                log(f"decode step {t}/{steps}: {time.perf_counter() - t0:.1f} s")
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-            generated.append(int(nxt))
-            tap.step = t
-            out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
-    t_total = time.perf_counter() - t0
+    generated, t_prefill, t_total = decode_through(model, tap, input_ids, steps, log, every=16)
     return tap, generated, {"prefill_s": round(t_prefill, 2), "decode_s": round(t_total - t_prefill, 2)}
 
 

@@ -342,9 +342,9 @@ class CostModel:
     @property
     def selection_kind(self) -> str:
         """The selection table that describes this configuration: NOSA's own (eviction score, second top-k) when
-        calibrated, and with fp8 compressed keys their own when calibrated. fp8 keys without an fp8 table go by
-        the roofline of their bytes (``_select_fb``) and the kind's efficiency curve, never by a bf16 table's
-        shape-for-shape times, which would charge them the bf16 keys' reads."""
+        calibrated, and the ``_fp8`` form with fp8 compressed keys. Where the profile has no fp8 table,
+        ``layer_ops`` takes the bf16 table's time in proportion to the bytes read, never its times as they are
+        (which would charge fp8 keys the bf16 keys' reads)."""
         nosa = self.cfg.variant == "nosa" and (self._has("selection_nosa") or self._has("selection_nosa_fp8"))
         base = "selection_nosa" if nosa else "selection"
         if self.cfg.ckey_dtype == "fp8":

@@ -124,7 +124,6 @@ def sparse_attention(shape: ModelSpec, batches=(1, 8, 16, 32, 64, 96, 128, 256),
         pool = None
         for k in ks:
             if pool is None or layout == "runtime":
-                del pool
                 n_slots = max(ks) + 1 if layout == "ordered" else k + 1
                 pool = torch.randn(R, n_slots, 2, 64, d, device=DEVICE, dtype=torch.bfloat16)
                 if fp8:
@@ -303,10 +302,15 @@ def offload_phases(shape: ModelSpec, points=PHASE_POINTS, variant: str = "nosa",
 FILL_POINTS = ((16, 65536), (64, 65536), (96, 65536), (16, 131072), (48, 131072), (64, 131072), (96, 131072))
 
 
+def scoring_phases(shape: ModelSpec, points, ckey_dtypes=(None, "fp8")) -> list[dict]:
+    """The offloaded phases of both scoring variants at ``points``, for each compressed-key type."""
+    return [e for v in ("infllmv2", "nosa") for ck in ckey_dtypes
+            for e in offload_phases(shape, points, variant=v, ckey_dtype=ck)]
+
+
 def fill_phases(shape: ModelSpec, points=FILL_POINTS) -> list[dict]:
     """The offloaded phases of both scoring variants, with bf16 and fp8 compressed keys, at ``FILL_POINTS``."""
-    return [e for v in ("infllmv2", "nosa") for ck in (None, "fp8")
-            for e in offload_phases(shape, points, variant=v, ckey_dtype=ck)]
+    return scoring_phases(shape, points)
 
 
 # fp8 compressed keys fit larger batches at long contexts: one more point there.
@@ -315,8 +319,7 @@ PHASE_POINTS_FP8 = PHASE_POINTS + ((192, 131072),)
 
 def ckey_fp8_phases(shape: ModelSpec, points=PHASE_POINTS_FP8) -> list[dict]:
     """The offloaded phases of both scoring variants with fp8 compressed keys (their selection tables)."""
-    return (offload_phases(shape, points, variant="infllmv2", ckey_dtype="fp8")
-            + offload_phases(shape, points, variant="nosa", ckey_dtype="fp8"))
+    return scoring_phases(shape, points, ("fp8",))
 
 
 def profile_name(device: str) -> str:

@@ -82,23 +82,7 @@ def record(model, input_ids: torch.Tensor, cfg: RecordConfig, provenance: dict |
     ctx = (n_prompt + 1 + np.arange(cfg.steps, dtype=np.int32))[:, None]  # the new token included
     n_blocks = int(ctx.max() - 1) // cfg.block_size + 1
     tap = AttentionTap(layers, kv_heads, cfg.steps, n_blocks, {n: make_proxy(n) for n in PROXIES}, cfg.block_size)
-    tap.install(model)
-    generated = []
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        tap.step = None
-        out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
-        t_prefill = time.perf_counter() - t0
-        if log:
-            log(f"prefill of {n_prompt} tokens: {t_prefill:.1f} s")
-        for t in range(cfg.steps):
-            if log and t and t % 32 == 0:
-                log(f"decode step {t}/{cfg.steps}: {time.perf_counter() - t0:.1f} s")
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-            generated.append(int(nxt))
-            tap.step = t
-            out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
-    t_total = time.perf_counter() - t0
+    generated, t_prefill, t_total = decode_through(model, tap, input_ids, cfg.steps, log)
     qaware = stored_scores(tap.qaware, cfg.precision)  # select from what the trace stores: re-selection is exact
     agn = tap.static[cfg.proxy]
     b = cfg.budget
@@ -125,6 +109,30 @@ def record(model, input_ids: torch.Tensor, cfg: RecordConfig, provenance: dict |
                               provenance=prov, agnostic_score=agn, qaware_score=qaware,
                               attn_mass=stored_scores(tap.mass, cfg.precision))
     return trace, dict(tap.static), tap
+
+
+def decode_through(model, tap, input_ids, steps: int, log=None, every: int = 32):
+    """Prefill ``input_ids`` and decode ``steps`` greedy tokens with ``tap`` installed as the model's attention:
+    ``(generated token ids, prefill seconds, total seconds)``; a progress line every ``every`` steps to ``log``."""
+    import torch
+
+    tap.install(model)
+    generated = []
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        tap.step = None
+        out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
+        t_prefill = time.perf_counter() - t0
+        if log:
+            log(f"prefill of {input_ids.shape[1]} tokens: {t_prefill:.1f} s")
+        for t in range(steps):
+            if log and t and t % every == 0:
+                log(f"decode step {t}/{steps}: {time.perf_counter() - t0:.1f} s")
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            generated.append(int(nxt))
+            tap.step = t
+            out = model(input_ids=nxt, past_key_values=out.past_key_values, use_cache=True, logits_to_keep=1)
+    return generated, t_prefill, time.perf_counter() - t0
 
 
 def stored_scores(x: np.ndarray, precision: str) -> np.ndarray:
