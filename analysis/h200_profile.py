@@ -6,6 +6,10 @@ microbenchmarks only).
   (``runtime_h200-pcie5-run3-written.json``: ``runtime.calibrate.run_all`` plus the overlap benchmark, with link
   tables from ``runtime_gather-h200.json``), plus the floor's HBM read peak (the best read rate of
   ``benchmarks/results/bench_attention-h200.json``).
+- With ``runtime_phases-h200-select.json`` (every selection phase re-measured after the selection kernels changed),
+  the bundled profile is run 3's with those tables replaced (a copy in
+  ``analysis/results/runtime_h200-pcie5-calibrated-run5.json``), the profile of the runtime ``e2e-h200-run5.json``
+  measured; run 3's stays in its copy, for runs 3 and 4.
 - The profiles of the two earlier runtimes stay as they were assembled then (this script's earlier version, in the
   history): ``runtime_h200-pcie5-calibrated-fused.json`` (``e2e-h200-run1.json``: the fused selection kernel) and
   ``runtime_h200-pcie5-calibrated.json`` (``e2e-h200-run2.json``: the three-launch selection, before the launch
@@ -90,12 +94,47 @@ def assemble_run3(hbm_read_Bps: float) -> dict:
     return prof
 
 
+# Every selection phase re-measured after the selection kernels changed (pool pass split over programs, radix-1
+# search with one warp per 512 blocks): the runtime that e2e-h200-run5.json measures.
+SELECT = "runtime_phases-h200-select.json"
+
+
+def assemble_current(run3: dict) -> dict | None:
+    """Run 3's profile with the selection tables (both variants, both key types), the block-table update and the
+    attend glue replaced by ``SELECT``'s (None while that file is absent). The glue is the whole attend less its
+    phases and the attention kernel, which keeps the runtime-layout table of ``FILL``."""
+    sel = RES / SELECT
+    if not sel.exists():
+        return None
+    from nosasim.models import load_model
+    from runtime.calibrate import phase_tables
+
+    ph = json.loads(sel.read_text())
+    prof = json.loads(json.dumps(run3))
+    tables = phase_tables(ph["offload_phases"], prof["ops"]["sparse_attention"], load_model("llama3-8b"))
+    missing = {"selection", "selection_nosa", "selection_fp8", "selection_nosa_fp8", "block_table",
+               "attend_glue"} - set(tables)
+    if missing:
+        raise ValueError(f"{SELECT}: no entries for the tables {sorted(missing)}")
+    prof["ops"].update(tables)
+    prof["provenance"] += (f"; selection, selection_nosa, selection_fp8, selection_nosa_fp8, block_table and "
+                           f"attend_glue replaced from a calibration call of {ph['env']['date']} ({SELECT}: "
+                           f"runtime.calibrate.select_phases, after the selection kernels changed)")
+    Profile.from_dict(prof)
+    return prof
+
+
 def main() -> int:
     run3 = assemble_run3(hbm_read_peak())
-    for path in (RES / "runtime_h200-pcie5-calibrated-run3.json", ROOT / "nosasim" / "profiles" / "h200-pcie5.json"):
-        atomic_write(path, (json.dumps(run3, indent=1) + "\n").encode())
-    print("wrote the current runtime's H200 profile (run 3): nosasim/profiles/h200-pcie5.json and "
-          "analysis/results/runtime_h200-pcie5-calibrated-run3.json")
+    current = assemble_current(run3)
+    out = [(RES / "runtime_h200-pcie5-calibrated-run3.json", run3)]
+    if current is not None:
+        out.append((RES / "runtime_h200-pcie5-calibrated-run5.json", current))
+    out.append((ROOT / "nosasim" / "profiles" / "h200-pcie5.json", current or run3))
+    for path, prof in out:
+        atomic_write(path, (json.dumps(prof, indent=1) + "\n").encode())
+    print("wrote " + ", ".join(str(p.relative_to(ROOT)) for p, _ in out) +
+          f"; the bundled profile is run {'5' if current else '3'}'s")
     return 0
 
 

@@ -113,7 +113,7 @@ def select(t0: float) -> list[dict]:
         warps = [w for w in (1, 2, 4, 8, 16, 32) if 32 * w <= nbp and w * 512 >= nbp]
         base = None
         row = {"rows": R, "n_blocks": nb, "variants": {}}
-        for radix in (1, 2, 4):
+        for radix in (1, 2, 4, 8):
             for w in warps:
                 if time.time() - t0 > BUDGET_S + 60:
                     break
@@ -150,19 +150,21 @@ def scoring(t0: float) -> list[dict]:
         key_bytes = R * ((context + 1 - 32) // 16 + 1) * D * 2
         row = {"batch": batch, "context": context, "key_bytes": key_bytes, "variants": {}}
         base = None
-        for bn, nw, pw, bb in ((64, 4, 4, 128), (128, 4, 4, 128), (128, 8, 4, 128), (64, 8, 4, 128),
-                               (64, 4, 8, 256), (128, 8, 8, 256)):
+        loop = -(-nb // 128)  # one pool program per row, looping over its tiles (the pass before tiles)
+        for bn, nw, pw, bb, pt in ((128, 4, 4, 128, 1), (128, 4, 4, 128, loop), (64, 4, 4, 128, 1),
+                                   (128, 4, 4, 128, 2), (128, 4, 4, 128, 4), (128, 4, 2, 64, 1),
+                                   (128, 4, 8, 256, 1), (128, 8, 4, 128, 1)):
             if time.time() - t0 > BUDGET_S + 120:
                 break
 
-            def call(bn=bn, nw=nw, pw=pw, bb=bb):
+            def call(bn=bn, nw=nw, pw=pw, bb=bb, pt=pt):
                 return select_kernels.qaware_scores_triton(st.ckeys[0], st.nc, q, ctx, nb, stride=16, block_size=BS,
-                                                           bn=bn, num_warps=nw, bb=bb, pool_warps=pw)
+                                                           bn=bn, num_warps=nw, bb=bb, pool_warps=pw, pool_tiles=pt)
 
             s = call()
             base = s if base is None else base
             secs = time_graph(call, inner=10)
-            row["variants"][f"bn{bn}w{nw}p{pw}b{bb}"] = {
+            row["variants"][f"bn{bn}w{nw}p{pw}b{bb}" + ("loop" if pt == loop else f"t{pt}")] = {
                 "seconds": secs, "key_Bps": key_bytes / secs,
                 "max_rel_diff": float(((s - base).abs().nan_to_num(0).max() / base.abs().nan_to_num(0).max()).item())}
         out.append(row)

@@ -317,6 +317,14 @@ def fill_phases(shape: ModelSpec, points=FILL_POINTS) -> list[dict]:
 PHASE_POINTS_FP8 = PHASE_POINTS + ((192, 131072),)
 
 
+def select_phases(shape: ModelSpec) -> list[dict]:
+    """Every point of the selection tables, both scoring variants, both compressed-key types: ``PHASE_POINTS``
+    and ``FILL_POINTS`` (and fp8's extra point), as one call re-measures them after the selection kernels change."""
+    pts = PHASE_POINTS + FILL_POINTS
+    return scoring_phases(shape, pts, (None,)) + scoring_phases(shape, pts + PHASE_POINTS_FP8[len(PHASE_POINTS):],
+                                                                ("fp8",))
+
+
 def ckey_fp8_phases(shape: ModelSpec, points=PHASE_POINTS_FP8) -> list[dict]:
     """The offloaded phases of both scoring variants with fp8 compressed keys (their selection tables)."""
     return scoring_phases(shape, points, ("fp8",))

@@ -157,6 +157,14 @@ def main(argv=None) -> int:
                     for e, f in zip(fill["sparse_attention"], fill["sparse_attention_fp8"]) if e["k_blocks"] == 64))
                 lines += [f"phases {e['variant']} {e['ckey_dtype']} B={e['batch']} ctx={e['context']}: selection "
                           f"{e['selection_s'] * 1e6:.0f} us" for e in fill["offload_phases"]]
+            elif stage == "calib-select":  # every selection phase again (after a change to the selection kernels)
+                from . import calibrate
+                from nosasim.models import load_model
+                shape = load_model(a.model)
+                ph = calibrate.select_phases(shape)
+                write_json(os.path.join(a.out, "phases-select.json"), {"env": environment(), "offload_phases": ph})
+                lines += [f"phases {e['variant']} {e['ckey_dtype']} B={e['batch']} ctx={e['context']}: selection "
+                          f"{e['selection_s'] * 1e6:.0f} us" for e in ph if e["batch"] in (32, 128)]
             elif stage == "calib-walk":  # one calibration table alone (the split attention pass's walk)
                 from . import calibrate
                 from nosasim.models import load_model

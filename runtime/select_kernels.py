@@ -88,6 +88,31 @@ if triton is not None:
             need1 = budget - tl.sum(gt1.to(tl.int32), axis=0)
             tie1 = allowed & (key == t1)
             return gt1 | (tie1 & (tl.cumsum(tie1.to(tl.int32), axis=0) <= need1))
+        if RADIX == 8:
+            # One byte per pass from a 256-bin histogram (``tl.histogram``: warp ballots, no [256, NBP] compare
+            # tile): four passes instead of 32. Every lane is counted, the disallowed ones as INT32_MIN (unsigned
+            # 0), so the bound is the one the compare passes find, down to INT32_MIN when fewer are allowed.
+            ku = (key ^ top).to(tl.uint32, bitcast=True)  # unsigned order = the signed key's order
+            bins = tl.arange(0, 256)
+            u8 = tl.zeros([], tl.uint32)
+            need8 = budget + tl.zeros([], tl.int32)
+            for p in tl.static_range(4):
+                sh8 = 24 - 8 * p
+                dig = ((ku >> sh8) & 255).to(tl.int32)
+                if p == 0:
+                    h = tl.histogram(dig, 256)
+                else:  # only the lanes whose higher bytes equal the bound's so far
+                    h = tl.histogram(dig, 256, mask=(ku >> (sh8 + 8)) == (u8 >> (sh8 + 8)))
+                ge = tl.sum(h, axis=0) - tl.cumsum(h, axis=0) + h  # lanes with this digit or a larger one
+                # ``ge`` falls with the digit, so the digits that still reach ``need8`` are a prefix 0..d.
+                d8 = tl.max(tl.where(ge >= need8, bins, 0), axis=0)
+                need8 = need8 - tl.sum(tl.where(bins > d8, h, 0), axis=0)
+                u8 = u8 | (d8.to(tl.uint32) << sh8)
+            t8 = u8.to(tl.int32, bitcast=True) ^ top
+            gt8 = allowed & (key > t8)
+            need = budget - tl.sum(gt8.to(tl.int32), axis=0)
+            tie8 = allowed & (key == t8)
+            return gt8 | (tie8 & (tl.cumsum(tie8.to(tl.int32), axis=0) <= need))
         u = tl.zeros([1], tl.int32)
         for p in tl.static_range(32 // RADIX):
             shift = 32 - RADIX * (p + 1)
@@ -189,7 +214,12 @@ if triton is not None:
     @triton.jit
     def _pool_kernel(lg_ptr, lg_sr, lg_sg, mx_ptr, se_ptr, ctx_ptr, out_ptr, out_sr, NCH, BN,
                      NC: tl.constexpr, NB: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, CHP: tl.constexpr,
-                     STRIDE: tl.constexpr, PER: tl.constexpr, TP: tl.constexpr, BB: tl.constexpr):
+                     STRIDE: tl.constexpr, PER: tl.constexpr, TP: tl.constexpr, BB: tl.constexpr,
+                     BPP: tl.constexpr):
+        """Block scores of ``BPP`` tiles of ``BB`` blocks of row ``program_id(0)`` (tile group ``program_id(1)``).
+        Each program merges the row's chunk statistics itself (``G * NCH`` numbers, cheap), so a row's blocks are
+        pooled by many programs at once instead of one program looping over them all (at 128K, 17 tiles in a row
+        left the pass latency-bound at about 4x its bytes)."""
         r = tl.program_id(0).to(tl.int64)
         n_c = _n_compressed(ctx_ptr, r, NC, STRIDE)
         # Softmax statistics per head from the chunks' (torch takes one max and one sum; the same up to rounding).
@@ -206,7 +236,7 @@ if triton is not None:
         # PER keys plus the one before. Keys that exist but are not complete (j >= n_c) have probability 0; a block
         # with no existing key scores -inf.
         t = tl.arange(0, TP)
-        for b0 in range(0, NB, BB):
+        for b0 in range(tl.program_id(1) * BB * BPP, tl.minimum(NB, (tl.program_id(1) + 1) * BB * BPP), BB):
             i = b0 + tl.arange(0, BB)
             j = i[:, None] * PER + t[None, :]  # [BB, TP]
             tap = (t < PER)[None, :] & (j < NC)
@@ -358,18 +388,24 @@ def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+# The GPU's radix below and from 2,048 padded blocks (select_blocks_triton's docstring says why).
+RADIX_SHORT, RADIX_LONG = 1, 1
+
+
 def select_blocks_triton(qaware: torch.Tensor, ctx: torch.Tensor, *, k: int, k_q_eff: int, sink: int, window: int,
                          block_size: int, agnostic: torch.Tensor | None, radix: int | None = None,
                          num_warps: int | None = None) -> torch.Tensor:
     """The kernel behind ``selection.select_blocks_gpu`` (``k_q_eff`` already resolved): ``int64 [R, k]``.
 
-    ``radix``: key bits settled per search pass (1, 2, 4 or 8). Default on the GPU: 2 (a ``[4, NBP]`` compare per
-    pass keeps registers low), 1 from 2,048 padded blocks (64K-token contexts and longer), where the ``[4, NBP]``
-    compare is the costly part and one bit per pass, a scalar bound and a 1-D count, runs faster (1.7x at 4,096
-    blocks on an H200 before the scalar form; benchmarks/bench_tune.py); 8 in the interpreter, where each pass's
-    fixed cost dominates."""
+    ``radix``: key bits settled per search pass (1, 2, 4 or 8). Default on the GPU: 1 (``RADIX_SHORT`` and
+    ``RADIX_LONG``), one bit per pass on a scalar bound and a 1-D count, with one warp per 512 padded blocks: on an
+    H200 it beat radix 2 by 1.27-1.35x at 130 blocks and 1.5x at 1,026 (9.9 against 13.4 us and 61.8 against 94.8 us
+    at 1,024 rows), and radix 2 and 4 (whose ``[2**radix, NBP]`` compares cost a layout change per pass) at 2,050;
+    radix 8's byte histograms (``tl.histogram``, four passes) were 1.6-2.4x slower than radix 1 at every size there
+    (benchmarks/results/bench_tune-h200-select-r8.json). 8 in the interpreter, where each pass's fixed cost
+    dominates."""
     if radix is None:
-        radix = (1 if _pow2(qaware.shape[1]) >= 2048 else 2) if qaware.is_cuda else 8
+        radix = (RADIX_LONG if _pow2(qaware.shape[1]) >= 2048 else RADIX_SHORT) if qaware.is_cuda else 8
     if radix not in (1, 2, 4, 8):
         raise ValueError(f"select_blocks_triton: radix must be 1, 2, 4 or 8, got {radix}")
     R, nb = qaware.shape
@@ -381,12 +417,17 @@ def select_blocks_triton(qaware: torch.Tensor, ctx: torch.Tensor, *, k: int, k_q
     if qaware.stride(1) != 1 or ag.stride(1) != 1:
         raise ValueError("select_blocks_triton: block scores must be contiguous along the block axis")
     nbp = _pow2(nb)
-    if num_warps is None:  # H100, 768 rows: one warp per 256 blocks was fastest (fewer barriers per pass)
-        num_warps = max(1, min(8, nbp // 256))
+    if num_warps is None:  # H200, radix 1: one warp per 512 padded blocks was fastest (fewer barriers per pass)
+        num_warps = max(1, min(8, nbp // 512))
     _select_kernel[(R,)](qaware, qaware.stride(0), ag, ag.stride(0), ctx, out, nb, k, k_q_eff, sink, window,
                          block_size, HAS_AGN=has_agn, NBP=nbp, KP=_pow2(k), RADIX=radix, num_warps=num_warps)
     return out
 
+
+# Tiles of 128 blocks per pool program: the pool grid is rows x ceil(blocks / (128 * POOL_TILES)). One tile per
+# program made H200 decode steps at 128K 2.6-4.7% faster than one program per row looping over its tiles (side by
+# side, benchmarks/results/bench_select_e2e-h200.json); timed alone, the scoring pair changed by 1% or less.
+POOL_TILES = 1
 
 # Scoring fp8 keys with fp16 dots: on an H200, 394 against 459 us (bf16 dots) and 603 us (bf16 keys) at batch 128,
 # 128K (benchmarks/results/bench_ckey8-h200.json); a bf16 query is exact in fp16 down to 2^-14 in magnitude.
@@ -400,12 +441,13 @@ def fp8_query(q: torch.Tensor) -> torch.Tensor:
 
 def qaware_scores_triton(ckeys: torch.Tensor, nc: int, q: torch.Tensor, ctx: torch.Tensor, n_blocks: int, *,
                          stride: int, block_size: int, bn: int | None = None, num_warps: int = 4, bb: int = 128,
-                         pool_warps: int = 4) -> torch.Tensor:
+                         pool_warps: int = 4, pool_tiles: int | None = None) -> torch.Tensor:
     """The kernels behind ``selection.qaware_block_scores``: ``ckeys [R, >= NC, D]`` (one layer), ``q [R, G, D]``,
     context lengths ``ctx [R]``; returns float32 ``[R, n_blocks]``.
 
     ``bn``: compressed keys per logits program; default 64, and 128 past 4,096 keys (64K-token contexts), which
-    halves the chunk statistics the pool pass merges (4% faster at 128K on an H200, benchmarks/bench_tune.py)."""
+    halves the chunk statistics the pool pass merges (4% faster at 128K on an H200, benchmarks/bench_tune.py).
+    ``pool_tiles``: tiles of ``bb`` blocks per pool program (default ``POOL_TILES`` on the GPU)."""
     if bn is None:
         bn = 128 if nc > 4096 else 64
     R, G, D = q.shape
@@ -439,9 +481,13 @@ def qaware_scores_triton(ckeys: torch.Tensor, nc: int, q: torch.Tensor, ctx: tor
             # fp32 keys, and CPU tensors (Triton's interpreter multiplies bf16 operands of tl.dot as raw integers):
             # an fp32 ieee dot, exact for 16-bit inputs as well.
             IEEE=q.dtype == torch.float32 or not ckeys.is_cuda, num_warps=num_warps)
-    _pool_kernel[(R,)](logits, logits.stride(0), logits.stride(1), cmax, csum, ctx, out, out.stride(0), nch, bn,
-                       NC=nc, NB=n_blocks, G=G, GP=_pow2(G), CHP=_pow2(nch), STRIDE=stride, PER=per,
-                       TP=_pow2(per), BB=min(bb, _pow2(n_blocks)), num_warps=pool_warps)
+    bb = min(bb, _pow2(n_blocks))
+    if pool_tiles is None:
+        pool_tiles = POOL_TILES if q.is_cuda else triton.cdiv(n_blocks, bb)  # interpreter: one program per row
+    _pool_kernel[(R, triton.cdiv(n_blocks, bb * pool_tiles))](
+        logits, logits.stride(0), logits.stride(1), cmax, csum, ctx, out, out.stride(0), nch, bn,
+        NC=nc, NB=n_blocks, G=G, GP=_pow2(G), CHP=_pow2(nch), STRIDE=stride, PER=per, TP=_pow2(per), BB=bb,
+        BPP=pool_tiles, num_warps=pool_warps)
     return out
 
 

@@ -232,6 +232,28 @@ def test_incremental_scoring_with_kernels_matches_reference():
             np.testing.assert_allclose(got[:, : ref.shape[-1]], ref, rtol=2e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_pool_tiles_split_rows_bit_for_bit(device):
+    """The pool pass split over programs per row (tiles of blocks, each merging the row's statistics itself)
+    gives the same block scores, bit for bit, as one program looping over a row's tiles."""
+    g = torch.Generator().manual_seed(11)
+    R, G, D, T = 5, 4, 32, 64 * 300
+    nb = T // 64 + 2
+    ck, nc, q, _, _ = _fused_inputs(g, R, G, D, T, nb, torch.bfloat16, device)
+    ctx = torch.tensor([0, 40, 64 * 131 + 7, T, T + 90])[:R].to(device)
+    one = select_kernels.qaware_scores_triton(ck, nc, q, ctx, nb, stride=STRIDE, block_size=BS, bb=32,
+                                              pool_tiles=triton_cdiv(nb, 32))
+    for tiles in (1, 3):
+        got = select_kernels.qaware_scores_triton(ck, nc, q, ctx, nb, stride=STRIDE, block_size=BS, bb=32,
+                                                  pool_tiles=tiles)
+        assert torch.equal(got.isnan(), one.isnan()) and torch.equal(got.nan_to_num(), one.nan_to_num())
+    assert torch.isfinite(one[3, : nb - 2]).all()  # the full row: every block with a key has a score
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 @pytest.mark.gpu
 def test_scores_and_selection_replay_in_a_cuda_graph():
     """No host sync inside: both kernels capture, and replays follow new contents of the captured inputs."""
