@@ -13,21 +13,62 @@ to the lower block id; NaN scores rank last.
 from __future__ import annotations
 
 import numpy as np
+from numba import njit
 
 from .contract import Budget
 from .trace.header import SelectionParams
 from .trace.model import Trace, tails_of
 
 
+@njit(cache=True)
+def _take_top_rows(score, allowed, budget, out):
+    """Per row: the ``budget[r]`` largest ``key`` among ``allowed`` (all of them if fewer), ties to the lower id.
+    The bound is the ``budget``-th largest allowed key (a partition, linear time), every allowed key above it is
+    taken, then the ones equal to it in ascending id order until the budget is spent."""
+    rows, nb = score.shape
+    big = np.finfo(np.float64).max
+    key = np.empty(nb, np.float64)
+    vals = np.empty(nb, np.float64)
+    for r in range(rows):
+        n = 0
+        for j in range(nb):
+            x = np.float64(score[r, j])
+            # NaN below -inf: -inf and +inf become the extreme finite numbers, NaN -inf (as nan_to_num does).
+            key[j] = -np.inf if np.isnan(x) else (-big if x == -np.inf else (big if x == np.inf else x))
+            if allowed[r, j]:
+                vals[n] = key[j]
+                n += 1
+        b = budget[r]
+        if b <= 0:
+            continue
+        if b >= n:
+            for j in range(nb):
+                out[r, j] = allowed[r, j]
+            continue
+        t = np.partition(vals[:n], n - b)[n - b]
+        left = b
+        for j in range(nb):
+            if allowed[r, j] and key[j] > t:
+                out[r, j] = True
+                left -= 1
+        for j in range(nb):
+            if left == 0:
+                break
+            if allowed[r, j] and key[j] == t:
+                out[r, j] = True
+                left -= 1
+
+
 def _take_top(score: np.ndarray, allowed: np.ndarray, budget: np.ndarray) -> np.ndarray:
-    """Per row, mark the ``budget[r]`` highest-scoring allowed blocks (lower id wins ties)."""
-    key = np.where(allowed, np.nan_to_num(score.astype(np.float64), nan=-np.inf), np.nan)
-    # argsort of -key is stable, so equal scores keep ascending block order: lower id first.
-    # Disallowed entries are NaN and sort after everything, -inf (NaN scores) included.
-    order = np.argsort(-key, axis=1, kind="stable")
-    rank = np.empty_like(order)
-    np.put_along_axis(rank, order, np.arange(order.shape[1])[None, :], axis=1)
-    return allowed & (rank < budget[:, None])
+    """Per row, mark the ``budget[r]`` highest-scoring allowed blocks (lower id wins ties). NaN ranks below every
+    number (-inf included, which ``nan_to_num`` makes the most negative finite number, as +inf the largest)."""
+    score = np.asarray(score)
+    if score.dtype not in (np.float32, np.float64):  # numba reads these two; float16 and ints widen exactly
+        score = score.astype(np.float64 if score.dtype.itemsize > 4 or score.dtype.kind in "iu" else np.float32)
+    out = np.zeros(score.shape, dtype=np.bool_)
+    _take_top_rows(np.ascontiguousarray(score), np.ascontiguousarray(allowed, dtype=np.bool_),
+                   np.ascontiguousarray(budget, dtype=np.int64), out)
+    return out
 
 
 def select_mask(qaware, context_len, *, k, k_q=None, sink=1, window=16, block_size=64, agnostic=None) -> np.ndarray:

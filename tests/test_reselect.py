@@ -132,3 +132,44 @@ def test_bundled_samples_reselect_exactly_and_carry_provenance(path):
     prov = tr.header.provenance
     assert prov["hook_check"]["rel_err"] < 1e-4 and prov["command"].startswith("python -m traces.record")
     assert {"file", "sha256", "start_char", "end_char"} <= set(prov["text"])
+
+
+def _mean_overlap(trace, tmp_path, name):
+    from nosasim.trace.io import TraceReader
+    from nosasim.trace.stats import overlap_per_layer
+
+    path = tmp_path / name
+    write_trace(path, trace)
+    with TraceReader(path) as r:
+        return float(np.mean(overlap_per_layer(r)))
+
+
+@pytest.mark.parametrize("kind, kq_big, kq_small", [("infllmv2", None, None), ("nosa", 33, 25)])
+def test_synthetic_locality_survives_reselection(tmp_path, kind, kq_big, kq_small):
+    """Generator 2 keeps each block's score across steps, so re-selecting a k = 64 synthetic trace at k = 46 keeps
+    the adjacent overlap of a trace synthesised at k = 46 directly (within 0.02), and both meet the overlap target.
+    Generator 1 drew the scores anew every step: re-selected at k = 46 its overlap fell from 0.889 to 0.69."""
+    from nosasim.select import reselect
+    from nosasim.trace.synth import synthesize
+
+    big = synthesize(kind, 2, 2, 4, 96, 64, 32768, kq=kq_big, seed=3, generator=2)
+    direct = synthesize(kind, 2, 2, 4, 96, 46, 32768, kq=kq_small, seed=4, generator=2)
+    again = reselect(big, Budget(46, kq_small, 1, 16))
+    o_big, o_direct, o_again = (_mean_overlap(t, tmp_path, f"{n}.nosatrace")
+                                for n, t in (("big", big), ("direct", direct), ("again", again)))
+    assert abs(o_again - o_direct) <= 0.02, (o_big, o_direct, o_again)
+    if kind == "infllmv2":  # the target (0.889) is met, not only approached; NOSA's floor of k_e / k lifts it
+        assert abs(o_big - 0.889) <= 0.01 and abs(o_direct - 0.889) <= 0.01, (o_big, o_direct)
+    old = reselect(synthesize(kind, 2, 2, 4, 96, 64, 32768, kq=kq_big, seed=3, generator=1),
+                   Budget(46, kq_small, 1, 16))
+    assert _mean_overlap(old, tmp_path, "old.nosatrace") < o_direct - 0.05  # what generator 2 fixes
+
+
+def test_synthesis_generator_is_checked_and_recorded():
+    from nosasim.trace.synth import synthesize
+
+    with pytest.raises(ValueError, match="--generator must be one of"):
+        synthesize("infllmv2", 1, 1, 1, 4, 8, 2048, generator=3)
+    assert synthesize("infllmv2", 1, 1, 1, 4, 32, 4096, generator=2).header.provenance["recorder"] == \
+        "nosasim.trace.synth v2"
+    assert synthesize("infllmv2", 1, 1, 1, 4, 32, 4096).header.provenance["recorder"] == "nosasim.trace.synth v1"

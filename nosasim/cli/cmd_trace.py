@@ -34,6 +34,10 @@ def register(sub) -> None:
     s.add_argument("--head-dim", type=int, default=64, help="head dimension recorded in the header (default 64)")
     s.add_argument("--block-size", type=int, default=64, help="tokens per block (default 64)")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.add_argument("--generator", type=int, default=2, choices=(1, 2),
+                   help="generator version: 2 (default) keeps each block's score across steps and redraws a share "
+                        "of them, so re-selecting at another k keeps the locality; 1 swaps a share of the top set "
+                        "with scores drawn anew each step (the traces of earlier releases, bit for bit)")
     s.add_argument("-o", "--output", required=True, help="output trace file")
     s.set_defaults(func=_synth)
 
@@ -68,7 +72,8 @@ def _synth(args) -> int:
 
     tr = synthesize(args.kind, args.layers, args.heads, args.seqs, args.steps, args.k, args.context, kq=args.kq,
                     overlap=args.overlap, seed=args.seed, block_size=args.block_size, head_dim=args.head_dim,
-                    context_spread=args.context_spread, command=_command_line(), progress=True)
+                    context_spread=args.context_spread, command=_command_line(), progress=True,
+                    generator=args.generator)
     size = write_trace(args.output, tr)
     print(f"wrote {args.output}: {tr.steps} steps x {tr.layers} layers x {tr.heads} heads x {tr.seqs} seqs, "
           f"k={tr.k}, {size / 1e6:.2f} MB")

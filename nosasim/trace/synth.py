@@ -5,9 +5,9 @@ The generators do not fake selections directly: they evolve *block scores* and p
 offline re-selection reproduces exactly.
 
 - ``random``: each step picks ``k - 1`` complete blocks uniformly; no locality at all.
-- ``infllmv2``: sink + window + a "top" set of query-aware blocks that churns: each step a
-  binomial number of top blocks is swapped for other blocks, tuned so that the mean adjacent
-  overlap (see :mod:`nosasim.trace.stats`) is about ``overlap``.
+- ``infllmv2``: sink + window + a "top" set of query-aware blocks that churns, tuned so that the mean
+  adjacent overlap (see :mod:`nosasim.trace.stats`) is about ``overlap``: generator 1 swaps a binomial
+  number of top blocks each step, generator 2 redraws a share of persistent block scores (``GENERATORS``).
 - ``nosa``: the same query-aware part with ``k_q`` blocks, plus ``k - k_q`` blocks ranked by a
   static per-block query-agnostic score that is stored in the trace. Because the agnostic top
   set only changes when a newly completed block outranks an old one, adjacent overlap is at least
@@ -22,6 +22,12 @@ from .header import ModelShape, SelectionParams
 from .model import Trace, tails_of
 
 KINDS = ("random", "infllmv2", "nosa")
+# Generator versions. 1: each step a binomial share of the query-aware top set is swapped for random blocks and
+# every score is drawn anew, top blocks above the rest; re-selecting at a smaller k then draws a new subset of the
+# top set every step, so the locality is lost (k 64 -> 46: adjacent overlap 0.889 -> 0.694). 2: each block keeps
+# its score across steps and a share of the scores is redrawn each step, so the top set of any size turns over
+# at the target rate, and re-selection keeps the locality of a trace synthesised at that k.
+GENERATORS = {1: "swap the top set, scores drawn anew", 2: "persistent scores, a share redrawn per step"}
 
 
 def _pick_random(mask: np.ndarray, count: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -36,15 +42,18 @@ def _pick_random(mask: np.ndarray, count: np.ndarray, rng: np.random.Generator) 
 def synthesize(kind: str, layers: int, heads: int, seqs: int, steps: int, k: int, context: int,
                kq: int | None = None, overlap: float | None = None, seed: int = 0, block_size: int = 64,
                head_dim: int = 64, sink: int = 1, window: int = 16, context_spread: int = 0,
-               chunk_steps: int = 128, command: str = "", progress: bool = False) -> Trace:
+               chunk_steps: int = 128, command: str = "", progress: bool = False, generator: int = 1) -> Trace:
     """Generate a trace. ``context`` is the prompt length in tokens; with ``context_spread`` > 0 each
     sequence's prompt is drawn uniformly from ``[context - context_spread, context]``. ``progress``: a bar per
-    step on a terminal (long contexts take minutes)."""
+    step on a terminal. ``generator``: 1 (the default here, so every recorded experiment's trace regenerates
+    bit for bit) or 2 (``nosasim trace synth``'s default): see ``GENERATORS``."""
     from ..contract import Budget
     from ..select import mask_to_ids, select_mask
 
     if kind not in KINDS:
         raise ValueError(f"--kind must be one of {KINDS}, got {kind!r}")
+    if generator not in GENERATORS:
+        raise ValueError(f"--generator must be one of {sorted(GENERATORS)}, got {generator!r}")
     for name, v in (("layers", layers), ("heads", heads), ("seqs", seqs), ("steps", steps), ("context", context)):
         if v < 1:
             raise ValueError(f"--{name} must be >= 1, got {v}")
@@ -85,6 +94,10 @@ def synthesize(kind: str, layers: int, heads: int, seqs: int, steps: int, k: int
     top_keep = np.clip((overlap - forced_share) / max(1e-9, 1 - forced_share), 0.0, 1.0)
     from tqdm import tqdm
 
+    persistent = generator == 2 and kind != "random"
+    if persistent:  # generator 2: every block's query-aware score lives across steps
+        # Normal scores: float16 keeps them apart over several binades (few ties among the top ones).
+        level = rng.standard_normal((rows, nb)).astype(np.float32)
     for t in tqdm(range(steps), desc=f"synth {kind}", unit="step", disable=None if progress else True):
         tail = tails_of(row_ctx[t], block_size)
         complete = col < tail[:, None]
@@ -94,6 +107,27 @@ def synthesize(kind: str, layers: int, heads: int, seqs: int, steps: int, k: int
             continue
         forced = complete & ((col < sink) | (col >= (tail - (window - 1))[:, None]))
         eligible = complete & ~forced
+        if persistent:
+            if t > 0:
+                # A block redrawn with probability p leaves the top n_q (of N eligible) with probability
+                # 1 - n_q / N, and as many enter, so the top set turns over 1 - top_keep per step when
+                # p = (1 - top_keep) / (1 - n_q / N); any smaller top set (re-selection at a smaller k) turns
+                # over at nearly the same rate, as a real model's persistent scores do.
+                # With a finite top set its boundary also jitters (the n_q-th score moves as scores are
+                # redrawn), adding about 0.5 * sqrt(c / n_q) to a turnover c (fitted by simulating the process
+                # at n_q = 29-47 and c = 0.05-0.3), so the redraw rate aims at the c that leaves 1 - top_keep.
+                a = 0.5 / np.sqrt(max(n_q, 1))
+                c = ((np.sqrt(a * a + 4.0 * (1.0 - top_keep)) - a) / 2.0) ** 2
+                n_el = np.maximum(eligible.sum(axis=1), 1)
+                p = np.clip(c / np.maximum(1.0 - n_q / n_el, 1e-6), 0.0, 1.0)
+                redraw = rng.random((rows, nb)) < p[:, None]
+                level[redraw] = rng.standard_normal(int(redraw.sum())).astype(np.float32)
+            score = np.where(col < tail[:, None] + 1, level, np.nan).astype(np.float16)
+            qscore[t] = score
+            mask = select_mask(score, row_ctx[t], k=k, k_q=kq, sink=sink, window=window, block_size=block_size,
+                               agnostic=None if agnostic is None else agnostic.reshape(rows, nb))
+            sel[t] = mask_to_ids(mask, k)
+            continue
         top &= eligible
         if t > 0:
             drop = _pick_random(top, rng.binomial(top.sum(axis=1), 1.0 - top_keep), rng)
@@ -116,7 +150,8 @@ def synthesize(kind: str, layers: int, heads: int, seqs: int, steps: int, k: int
     params = SelectionParams(method=kind, budget=budget)
     prov = {
         "source": "synthetic", "kind": kind, "seed": seed, "context": context, "context_spread": context_spread,
-        "overlap_target": overlap if kind != "random" else None, "recorder": "nosasim.trace.synth v1",
+        "overlap_target": overlap if kind != "random" else None,
+        "recorder": f"nosasim.trace.synth v{generator}",
         "command": command,
     }
     return Trace.from_arrays(
