@@ -131,15 +131,22 @@ def groups(cfgs: list[ReplayConfig]) -> list[list[ReplayConfig]]:
 
 
 def run_sweep(trace_path: str, cfgs: list[ReplayConfig], workers: int = 1, progress: bool = True,
-              skipped: list | None = None) -> list[dict]:
-    """Evaluate every configuration; ``workers`` > 1 spreads cache groups over local processes. Points the trace
-    cannot replay are left out of the result and appended to ``skipped`` (grid fields plus the reason)."""
+              skipped: list | None = None, ray_address: str | None = None, use_ray: bool = False) -> list[dict]:
+    """Evaluate every configuration; ``workers`` > 1 spreads cache groups over local processes, ``use_ray`` over
+    a Ray cluster (``ray_address``, or a local one started for the sweep when None; ``nosasim.ray_sweep``). Points
+    the trace cannot replay are left out of the result and appended to ``skipped`` (grid fields plus the reason).
+    Rows come back in grid order whatever ran them, so every backend writes the same CSV."""
     from tqdm import tqdm
 
     work = groups(cfgs)
     rows: list[dict] = []
     bar = tqdm(total=len(cfgs), desc="sweep", unit="point", disable=not progress)
-    if workers <= 1:
+    if use_ray:
+        from nosasim.ray_sweep import ray_groups
+
+        parts = ray_groups(trace_path, work, ray_address)
+        pool = None
+    elif workers <= 1:
         _init_worker(trace_path)
         parts = map(run_group, work)
         pool = None

@@ -24,6 +24,12 @@ def _run(args) -> int:
     path = Path(args.trace) if args.trace else default_trace()
     if not path.exists():
         raise ValueError(f"TRACE: no such file {str(path)!r}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():  # refused before the work, not after it
+        raise ValueError(f"--out: {args.out!r} exists and is not a folder")
+    if args.ray is not None:
+        from nosasim.ray_sweep import _ray
+
+        _ray()  # a missing extra is one line before any work
     with TraceReader(path) as reader:
         has_scores = "qaware_score" in reader.header.arrays
     if args.k and len(args.k) > 1 and not has_scores:
@@ -49,7 +55,8 @@ def _run(args) -> int:
         raise ValueError(f"sweep: all {skipped} combinations are impossible budgets (k_q > k, C < k, ...)")
     workers = args.workers or min(os.cpu_count() or 1, 8)
     unreplayable: list[dict] = []
-    rows = run_sweep(str(path), cfgs, workers=workers, progress=not args.quiet, skipped=unreplayable)
+    rows = run_sweep(str(path), cfgs, workers=workers, progress=not args.quiet, skipped=unreplayable,
+                     use_ray=args.ray is not None, ray_address=args.ray or None)
     if not rows:
         raise ValueError(f"sweep: none of the {len(cfgs)} points can be replayed on this trace; the first reason: "
                          f"{unreplayable[0]['skipped']}")
@@ -89,4 +96,8 @@ def register(subparsers) -> None:
                                                       "sweep finishes")
     p.add_argument("--workers", type=int, default=0, help="worker processes (default: local cores, at most 8)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
+                   help="run the grid on a Ray cluster: ADDRESS ('auto', HOST:PORT or ray://HOST:PORT) of an "
+                        "existing one, or none to start a local one for this sweep (the 'ray' extra: pip install "
+                        "'nosasim[ray]'); the same CSV as a local run")
     p.set_defaults(func=_run)
