@@ -13,23 +13,23 @@ to the lower block id; NaN scores rank last.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 from .contract import Budget
 from .trace.header import SelectionParams
 from .trace.model import Trace, tails_of
 
 
-@njit(cache=True)
+@njit(cache=True, parallel=True)
 def _take_top_rows(score, allowed, budget, out):
     """Per row: the ``budget[r]`` largest ``key`` among ``allowed`` (all of them if fewer), ties to the lower id.
     The bound is the ``budget``-th largest allowed key (a partition, linear time), every allowed key above it is
     taken, then the ones equal to it in ascending id order until the budget is spent."""
     rows, nb = score.shape
     big = np.finfo(np.float64).max
-    key = np.empty(nb, np.float64)
-    vals = np.empty(nb, np.float64)
-    for r in range(rows):
+    for r in prange(rows):  # rows are independent: one scratch pair per row
+        key = np.empty(nb, np.float64)
+        vals = np.empty(nb, np.float64)
         n = 0
         for j in range(nb):
             x = np.float64(score[r, j])

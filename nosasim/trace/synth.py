@@ -97,7 +97,7 @@ def synthesize(kind: str, layers: int, heads: int, seqs: int, steps: int, k: int
     persistent = generator == 2 and kind != "random"
     if persistent:  # generator 2: every block's query-aware score lives across steps
         # Normal scores: float16 keeps them apart over several binades (few ties among the top ones).
-        level = rng.standard_normal((rows, nb)).astype(np.float32)
+        level = rng.standard_normal((rows, nb), dtype=np.float32).astype(np.float16)
     for t in tqdm(range(steps), desc=f"synth {kind}", unit="step", disable=None if progress else True):
         tail = tails_of(row_ctx[t], block_size)
         complete = col < tail[:, None]
@@ -120,10 +120,11 @@ def synthesize(kind: str, layers: int, heads: int, seqs: int, steps: int, k: int
                 c = ((np.sqrt(a * a + 4.0 * (1.0 - top_keep)) - a) / 2.0) ** 2
                 n_el = np.maximum(eligible.sum(axis=1), 1)
                 p = np.clip(c / np.maximum(1.0 - n_q / n_el, 1e-6), 0.0, 1.0)
-                redraw = rng.random((rows, nb)) < p[:, None]
-                level[redraw] = rng.standard_normal(int(redraw.sum())).astype(np.float32)
-            score = np.where(col < tail[:, None] + 1, level, np.nan).astype(np.float16)
-            qscore[t] = score
+                redraw = rng.random((rows, nb), dtype=np.float32) < p[:, None].astype(np.float32)
+                level[redraw] = rng.standard_normal(int(np.count_nonzero(redraw)), dtype=np.float32)
+            score = qscore[t]
+            np.copyto(score, level)
+            score[col >= tail[:, None] + 1] = np.nan
             mask = select_mask(score, row_ctx[t], k=k, k_q=kq, sink=sink, window=window, block_size=block_size,
                                agnostic=None if agnostic is None else agnostic.reshape(rows, nb))
             sel[t] = mask_to_ids(mask, k)
