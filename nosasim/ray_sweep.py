@@ -47,6 +47,24 @@ def _run(digest: str, data: bytes, cfgs: list) -> list[dict]:
     return run_group(cfgs, trace=_trace(digest, data))
 
 
+def _probe(address: str | None, timeout_s: float = 5.0) -> None:
+    """Refuse a HOST:PORT (or ray://HOST:PORT) nothing listens on in one line: Ray itself retries such an address
+    for minutes. ``auto`` and None are Ray's to resolve (it fails fast when no cluster runs)."""
+    if not address or address == "auto":
+        return
+    import socket
+
+    hostport = address.split("://", 1)[-1]
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"--ray: expected 'auto', HOST:PORT or ray://HOST:PORT, got {address!r}")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ValueError(f"--ray: nothing answers at {hostport!r} ({exc.strerror or exc}); give the address of a "
+                         f"running Ray cluster, or no address to start a local one") from None
+
+
 def ray_groups(trace_path: str, work: list[list], address: str | None):
     """Yield each group's rows as its Ray task finishes. ``address``: an existing cluster ("auto", "HOST:PORT",
     "ray://HOST:PORT"); None starts a local one for this sweep and stops it at the end."""
@@ -55,6 +73,7 @@ def ray_groups(trace_path: str, work: list[list], address: str | None):
     digest = hashlib.sha256(data).hexdigest()
     started = not ray.is_initialized()
     if started:
+        _probe(address)
         try:
             ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
         except ConnectionError as exc:

@@ -36,3 +36,14 @@ def test_out_that_is_a_file_is_refused_before_the_work(tmp_path, capsys):
     assert main(["sweep", *GRID, "--out", str(f)]) == 2
     captured = capsys.readouterr()
     assert "exists and is not a folder" in captured.err and "point" not in captured.out
+
+
+@pytest.mark.parametrize("address, message", [("127.0.0.1:1", "nothing answers at '127.0.0.1:1'"),
+                                              ("nohost", "expected 'auto', HOST:PORT")])
+def test_ray_address_nobody_answers_is_one_line(tmp_path, capsys, address, message):
+    """An address without a cluster is refused in one line at once (Ray would retry it for minutes)."""
+    pytest.importorskip("ray")
+    assert main(["sweep", *GRID, "--ray", address, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
