@@ -214,6 +214,7 @@ def test_h200_fp8_compressed_keys():
 
 
 RUN_H200_5 = "analysis/results/e2e-h200-run5.json"  # the runtime after the selection kernels changed, one call
+RUN_H200_6 = "analysis/results/e2e-h200-run6.json"  # the 21 random configurations runs 3-5 left, same runtime, two calls
 
 
 def test_h200_run5_current_runtime():
@@ -231,3 +232,22 @@ def test_h200_run5_current_runtime():
     gap = [n for n in rows if "-ck8-mb2" in n or n == "floor-nosa-64k-b16-k64-lru128"]
     assert all(abs(r["error"]) < 0.05 for n, r in rows.items() if n not in gap)  # committed: max 4.5%
     assert all(-0.1 < rows[n]["error"] < 0.01 for n in gap)  # committed: -9.1% to +0.7%
+
+
+def test_h200_run6_random_configurations():
+    """Run 6, the 21 random configurations runs 3-5 left unmeasured, on the same runtime and bundled profile:
+    loaded blocks exact in every offloaded one; dense and InfLLM-V2 within 4%; NOSA's known gap (under-predicted
+    where a micro-batch holds few sequences or the pool is fp8, down to -15.8%) stays where it was measured, so a
+    change of the model that moves it shows here."""
+    report = validate(RUN_H200_6, "h200-pcie5")
+    rows = {r["name"]: r for r in report["rows"]}
+    assert len(rows) == 21 and all(n.startswith("rand-") for n in rows)
+    for r in rows.values():
+        if r["variant"] != "dense":
+            assert r["measured_loaded_blocks_per_step"] == r["predicted_loaded_blocks_per_step"], r["name"]
+    assert report["median_abs_error"] < 0.03  # committed: 2.2%
+    assert all(abs(r["error"]) < 0.04 for r in rows.values() if r["variant"] != "nosa")  # committed: max 3.5%
+    nosa = [r["error"] for r in rows.values() if r["variant"] == "nosa"]
+    assert all(-0.17 < e < 0.08 for e in nosa) and min(nosa) < -0.1  # committed: -15.8% to +7.1%
+    held = report["splits"]["random, held out"]
+    assert held["configurations"] == 10 and held["max_abs_error"] < 0.08  # committed: 7.1%
